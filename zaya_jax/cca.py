@@ -1,0 +1,146 @@
+"""Compressed Convolutional Attention (CCA) with GQA heads, as ZAYA1 runs it (reference section 3.3).
+
+For x [B, S, H] (the RMS-normed layer input), with Hq query heads, Hkv KV heads, head dim D, C = (Hq + Hkv) * D:
+
+    q0 = x Wq [B, S, Hq*D]           k0 = x Wk [B, S, Hkv*D]           P = [q0 | k0]  [B, S, C]
+    conv stack, padded once on the left by K = (k_dw - 1) + (k_gr - 1):
+        Z_t = b_gr + sum_j2 W_gr[j2] (b_dw + sum_j1 w_dw[j1] * P_{t - K + j1 + j2})     (grouped: one group per head)
+    q-k mean: qm = (q0 + k0 repeated over its query group) / 2,  km = mean of qm over the group
+    q = Z_q + qm  [B, S, Hq, D]       k = Z_k + km  [B, S, Hkv, D]
+    value shift: v = [x_t Wv_cur | x_{t-1} Wv_del] -> [B, S, Hkv, D]  (first half of the KV heads: current token)
+    QK-norm: q <- sqrt(D) q / |q|,  k <- sqrt(D) k / |k| * temperature[kv head]  (linear temperature, no exp)
+    partial NeoX RoPE on the first rotary_dim dims of every head, then causal GQA attention, then o = attn Wo.
+
+Packed documents and left padding: a column P_{t-d} (and x_{t-1} for the value shift) only reaches position t when
+both carry the same segment id; otherwise it counts as the zero padding a document sees at its start. The conv
+biases still enter at every tap, exactly as transformers' pad-once convolution does for the first tokens. So each
+document inside a packed row computes exactly what it computes alone, and left-padded rows equal transformers'
+`conv_mask` zeroing.
+
+`conv_history` [B, K, C] and `value_history` [B, Hkv*D/2] carry the state of earlier tokens (cached decoding);
+zeros mean "start of sequence".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zaya_jax.attention import attend
+from zaya_jax.config import ZayaConfig
+from zaya_jax.layers import apply_partial_rope, compute_dtype, constant_param, dense_init, rotary_embedding
+
+
+class CCAttention(nnx.Module):
+    """One CCA attention block: x [B, S, H] -> [B, S, H]."""
+
+    def __init__(self, config: ZayaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        hidden, d = config.hidden_size, config.head_dim
+        q_width, kv_width = config.query_heads * d, config.kv_heads * d
+        groups = config.query_heads + config.kv_heads
+        self.q_proj = dense_init(config, rngs, (hidden, q_width))
+        self.k_proj = dense_init(config, rngs, (hidden, kv_width))
+        self.v_current = dense_init(config, rngs, (hidden, kv_width // 2))
+        self.v_delayed = dense_init(config, rngs, (hidden, kv_width // 2))
+        # Depthwise conv: [kernel, C]; grouped conv: [kernel, groups, D_in, D_out] (one group per head).
+        self.conv_depthwise = dense_init(config, rngs, (config.conv_kernel_depthwise, config.conv_channels))
+        self.conv_depthwise_bias = constant_param(config, (config.conv_channels,), 0.0)
+        self.conv_grouped = dense_init(config, rngs, (config.conv_kernel_grouped, groups, d, d))
+        self.conv_grouped_bias = constant_param(config, (config.conv_channels,), 0.0)
+        # transformers initialises the temperature to 0, which zeroes every key; 1 leaves the QK-normed keys as is.
+        self.temperature = constant_param(config, (config.kv_heads,), 1.0)
+        self.o_proj = dense_init(config, rngs, (q_width, hidden))
+
+    def project(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        conv_history: jax.Array | None = None,
+        value_history: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, S, H] -> q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D] (post norm, temperature and RoPE)."""
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        b, s, _ = x.shape
+        d, hq, hkv = cfg.head_dim, cfg.query_heads, cfg.kv_heads
+        x = x.astype(dtype)
+        q0 = x @ self.q_proj[...].astype(dtype)
+        k0 = x @ self.k_proj[...].astype(dtype)
+        packed = jnp.concatenate([q0, k0], axis=-1)
+
+        z = self._conv_stack(packed, segment_ids, conv_history)
+        q_mean = 0.5 * (q0.reshape(b, s, hkv, cfg.query_groups, d) + k0.reshape(b, s, hkv, 1, d))
+        k_mean = q_mean.mean(axis=3)
+        q = z[..., : hq * d].reshape(b, s, hkv, cfg.query_groups, d) + q_mean
+        q = q.reshape(b, s, hq, d)
+        k = z[..., hq * d :].reshape(b, s, hkv, d) + k_mean
+
+        v_cur = x @ self.v_current[...].astype(dtype)
+        v_del = x @ self.v_delayed[...].astype(dtype)
+        if value_history is None:
+            value_history = jnp.zeros_like(v_del[:, 0])
+        prev = jnp.concatenate([value_history[:, None].astype(dtype), v_del[:, :-1]], axis=1)
+        same_as_prev = jnp.concatenate(
+            [jnp.ones((b, 1), bool), segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1
+        )
+        v_prev = jnp.where(same_as_prev[..., None], prev, 0)
+        v = jnp.concatenate([v_cur, v_prev], axis=-1).reshape(b, s, hkv, d)
+
+        q, k = self._qk_norm(q, k)
+        cos, sin = rotary_embedding(positions, cfg.rotary_dim, cfg.rope_theta)
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+
+    def _conv_stack(
+        self, packed: jax.Array, segment_ids: jax.Array, history: jax.Array | None
+    ) -> jax.Array:
+        """packed [B, S, C] -> the two causal convs' output [B, S, C] (see module docstring)."""
+        cfg = self.config
+        dtype = packed.dtype
+        b, s, c = packed.shape
+        k_dw, k_gr, pad = cfg.conv_kernel_depthwise, cfg.conv_kernel_grouped, cfg.conv_history
+        if history is None:
+            history = jnp.zeros((b, pad, c), dtype)
+        extended = jnp.concatenate([history.astype(dtype), packed], axis=1)  # [B, pad + S, C]
+        # History columns belong to the first token's document (they are zeros at a sequence start).
+        seg_ext = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
+        shifted = []  # shifted[d][t] = P_{t-d}, zero when t-d is in another document
+        for d in range(pad + 1):
+            cols = jax.lax.dynamic_slice_in_dim(extended, pad - d, s, axis=1)
+            same = jax.lax.dynamic_slice_in_dim(seg_ext, pad - d, s, axis=1) == segment_ids
+            shifted.append(jnp.where(same[..., None], cols, 0))
+        w_dw = self.conv_depthwise[...].astype(dtype)
+        b_dw = self.conv_depthwise_bias[...].astype(dtype)
+        w_gr = self.conv_grouped[...].astype(dtype)
+        groups = w_gr.shape[1]
+        out = jnp.zeros((b, s, groups, cfg.head_dim), jnp.float32)
+        for j2 in range(k_gr):
+            depthwise = b_dw + sum(w_dw[j1] * shifted[pad - j1 - j2] for j1 in range(k_dw))
+            # Products in the compute dtype (as transformers' conv), taps summed in float32.
+            tap = jnp.einsum("bsgi,gio->bsgo", depthwise.reshape(b, s, groups, cfg.head_dim), w_gr[j2])
+            out = out + tap.astype(jnp.float32)
+        return (out.reshape(b, s, c) + self.conv_grouped_bias[...].astype(jnp.float32)).astype(dtype)
+
+    def _qk_norm(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """L2-normalize every head to norm sqrt(D) (no learned weight), then scale keys by the temperature."""
+        d = self.config.head_dim
+        eps = jnp.finfo(q.dtype).eps
+
+        def l2(t: jax.Array) -> jax.Array:
+            t32 = t.astype(jnp.float32)
+            norm = jnp.sqrt(jnp.sum(t32 * t32, axis=-1, keepdims=True))
+            return t32 * (d**0.5 / jnp.maximum(norm, eps))
+
+        temperature = self.temperature[...].astype(jnp.float32)[:, None]
+        return l2(q).astype(q.dtype), (l2(k) * temperature).astype(k.dtype)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B, S, H], segment_ids [B, S], positions [B, S] -> [B, S, H]."""
+        q, k, v = self.project(x, segment_ids, positions)
+        index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        out = attend(q, k, v, segment_ids, segment_ids, index, index, self.config.attention_impl)
+        dtype = compute_dtype(self.config)
+        return out.reshape(*x.shape[:2], -1) @ self.o_proj[...].astype(dtype)
+

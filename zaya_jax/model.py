@@ -1,0 +1,183 @@
+"""The ZAYA1 decoder: embedding affine, a scan over stacked CCA + MoE layers, final norm, tied LM head.
+
+    ids [B, S] -> e = (embed[ids] + b_in) * s_in                      float32 residual stream r [B, S, H]
+    per layer l (stacked parameters, one `jax.lax.scan`, so compile time does not grow with depth):
+        r = ResScale_attn(CCA(RMSNorm(r)), r)
+        h, router_state = MoE(RMSNorm(r), router_state)               # EDA: router_state flows layer to layer
+        r = ResScale_moe(h, r)
+    logits = RMSNorm(r) @ embed^T                                     [B, S, V] float32
+
+`segment_ids` [B, S] keep packed documents (and left padding, from `attention_mask`) apart in attention, in the CCA
+convolutions and in the value shift; `positions` [B, S] are the RoPE positions (default 0..S-1, as transformers'
+forward uses even with left padding). The forward can also return the expert choice of every token in every
+layer, `choices` [L, B, S] int32 (0..E-1, E = skip), which the balancer counts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zaya_jax.cca import CCAttention
+from zaya_jax.config import ZayaConfig
+from zaya_jax.layers import Affine, RMSNorm, ResidualScaling, compute_dtype, dense_init
+from zaya_jax.moe import MoE
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderLayer(nnx.Module):
+    """One ZAYA1 layer (CCA + MoE with learned residual scaling); the residual stream is float32."""
+
+    def __init__(self, config: ZayaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.input_norm = RMSNorm(config, config.hidden_size)
+        self.attn = CCAttention(config, rngs=rngs)
+        self.post_attn_scale = ResidualScaling(config)
+        self.post_attn_norm = RMSNorm(config, config.hidden_size)
+        self.moe = MoE(config, rngs=rngs)
+        self.post_moe_scale = ResidualScaling(config)
+
+    def __call__(
+        self, residual: jax.Array, router_state: jax.Array, segment_ids: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """residual [B, S, H] f32, router_state [B, S, R] -> (residual, router_state, choice [B, S])."""
+        dtype = compute_dtype(self.config)
+        h = self.attn(self.input_norm(residual.astype(dtype)), segment_ids, positions)
+        residual = self.post_attn_scale(h, residual)
+        h, router_state, choice = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
+        return self.post_moe_scale(h, residual), router_state, choice
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array  # [B, S, V] float32
+    choices: jax.Array  # [L, B, S] int32, 0..E (E = skip class)
+
+
+class ZayaForCausalLM(nnx.Module):
+    def __init__(self, config: ZayaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = dense_init(config, rngs, (config.vocab_size, config.hidden_size))
+        self.input_affine = Affine(config, config.hidden_size)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(config, config.hidden_size)
+        if not config.tie_word_embeddings:
+            self.lm_head = dense_init(config, rngs, (config.hidden_size, config.vocab_size))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        return_choices: bool = False,
+    ) -> jax.Array | ForwardOutput:
+        """input_ids [B, S] -> logits [B, S, V] float32 (or `ForwardOutput` with the per-layer expert choices).
+
+        attention_mask [B, S] (1 = token, 0 = padding) is transformers' convention; segment_ids [B, S] (equal ids
+        = same document) is the packed-data one. Give one or the other.
+        """
+        hidden, choices = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+        logits = self.logits(hidden)
+        return ForwardOutput(logits, choices) if return_choices else logits
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """input_ids [B, S] -> (final-normed hidden [B, S, H] in the compute dtype, choices [L, B, S])."""
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        input_ids = jnp.asarray(input_ids)
+        _check_token_ids(input_ids, cfg.vocab_size)
+        if attention_mask is not None and segment_ids is not None:
+            raise ValueError("give attention_mask (padding) or segment_ids (packed documents), not both")
+        if segment_ids is None:
+            segment_ids = (
+                jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+                else jnp.asarray(attention_mask).astype(jnp.int32)
+            )
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+        embedded = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+        residual = self.input_affine(embedded).astype(jnp.float32)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(carry, state):
+            residual, router_state = carry
+            layer = nnx.merge(graphdef, state)
+            residual, router_state, choice = layer(residual, router_state, segment_ids, positions)
+            return (residual, router_state), choice
+
+        if cfg.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        router_state = jnp.zeros((*input_ids.shape, cfg.router_hidden_size), dtype)
+        (residual, _), choices = jax.lax.scan(body, (residual, router_state), layer_state)
+        return self.final_norm(residual.astype(dtype)), choices
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., H] -> logits [..., V] float32 (tied: against the embedding)."""
+        dtype = compute_dtype(self.config)
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("...h,vh->...v", hidden, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...h,hv->...v", hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if isinstance(input_ids, jax.core.Tracer):
+        return  # values unknown while tracing; eager calls are checked below
+    values = np.asarray(input_ids)  # numpy, so a concrete array captured inside a jit trace is still checked
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def init_model(config: ZayaConfig, seed: int = 0) -> ZayaForCausalLM:
+    return ZayaForCausalLM(config, rngs=nnx.Rngs(seed))
+
+
+class ParameterCounts(NamedTuple):
+    total: int  # every checkpoint parameter, the (tied) embedding included; balancing biases are buffers, not counted
+    embedding: int
+    non_embedding: int
+    active_non_embedding: int  # what one token uses: attention, router, norms, scales and one expert per layer
+
+
+def parameter_counts(config: ZayaConfig) -> ParameterCounts:
+    """Counts parameters from shapes alone (`nnx.eval_shape`): nothing is allocated, so the 8B preset is cheap."""
+    abstract = nnx.eval_shape(lambda: ZayaForCausalLM(config, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    total = sum(int(x.size) for x in jax.tree.leaves(params))
+    total -= config.router_hidden_size  # layer 0's EDA scale multiplies a zero state; not a checkpoint parameter
+    embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    experts = params["layers"]["moe"]["experts"]
+    expert_params = sum(int(x.size) for x in jax.tree.leaves(experts))
+    inactive = expert_params * (config.num_experts - config.experts_per_token) // config.num_experts
+    non_embedding = total - embedding
+    return ParameterCounts(total, embedding, non_embedding, non_embedding - inactive)
