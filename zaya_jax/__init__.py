@@ -1,0 +1,26 @@
+"""zaya-jax: ZAYA1 (Zyphra's CCA + top-1 MoE reasoning model) in JAX / Flax NNX.
+
+Public API:
+    ZayaConfig, load_preset              the typed config and its YAML presets (configs/)
+    ZayaForCausalLM, init_model          the model (Flax NNX; use nnx.split / nnx.merge for pure functions)
+    parameter_counts                     total / active parameter counts without allocating
+    load_pretrained, save_pretrained     transformers-format safetensors checkpoints
+"""
+
+from zaya_jax.config import ZayaConfig, load_preset
+from zaya_jax.hf_io import load_pretrained, save_pretrained
+from zaya_jax.model import ForwardOutput, ParameterCounts, ZayaForCausalLM, init_model, parameter_counts
+from zaya_jax.router import BalancingBias
+
+__all__ = [
+    "BalancingBias",
+    "ForwardOutput",
+    "ParameterCounts",
+    "ZayaConfig",
+    "ZayaForCausalLM",
+    "init_model",
+    "load_preset",
+    "load_pretrained",
+    "parameter_counts",
+    "save_pretrained",
+]

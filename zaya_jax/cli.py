@@ -1,0 +1,62 @@
+"""Command-line entry points of the model package.
+
+`zaya-forward --config tiny`: builds a model from a preset (or YAML path), runs one jitted forward pass on a random
+batch and prints the logits shape, parameter counts and timings. The smallest end-to-end check of an install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zaya_jax.config import load_preset
+from zaya_jax.model import init_model, parameter_counts
+
+
+def forward_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zaya-forward", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--config", default="tiny", help="preset name (tiny, zaya1-8b, zaya1-base) or a YAML path")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        config = load_preset(args.config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"zaya-forward: error: {e}", file=sys.stderr)
+        return 2
+
+    counts = parameter_counts(config)
+    print(f"config: {args.config}  layers={config.num_layers} hidden={config.hidden_size} "
+          f"heads={config.query_heads}q/{config.kv_heads}kv experts={config.num_experts}")
+    print(f"parameters: total {counts.total:,}  embedding {counts.embedding:,}  "
+          f"non-embedding {counts.non_embedding:,}  active non-embedding {counts.active_non_embedding:,}")
+    model = init_model(config, seed=args.seed)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids):
+        return nnx.merge(graphdef, state)(ids, return_choices=True)
+
+    ids = jnp.asarray(np.random.default_rng(args.seed).integers(0, config.vocab_size, (args.batch, args.seq)))
+    start = time.perf_counter()
+    out = jax.block_until_ready(forward(state, ids))
+    compile_and_run = time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.block_until_ready(forward(state, ids))
+    run = time.perf_counter() - start
+    loads = np.bincount(np.asarray(out.choices).ravel(), minlength=config.router_classes) / out.choices.size
+    print(f"logits: shape {tuple(out.logits.shape)} dtype {out.logits.dtype}  finite={bool(jnp.isfinite(out.logits).all())}")
+    print(f"expert load (all layers, last = skip): {np.round(loads, 3).tolist()}")
+    print(f"first call (compile + run) {compile_and_run:.2f}s, second call {run * 1e3:.1f} ms on {jax.devices()[0].platform}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(forward_main())
