@@ -1,0 +1,114 @@
+"""Model structure: parameter counts, the scan over layers, expert dispatch and the functional (split/merge) use."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from zaya_jax import BalancingBias, init_model, load_preset, parameter_counts
+from zaya_jax.moe import experts_dense, experts_sorted
+
+
+def test_zaya1_8b_parameter_counts_without_allocating():
+    counts = parameter_counts(load_preset("zaya1-8b"))
+    assert round(counts.total / 1e9, 2) == 8.84
+    assert round(counts.active_non_embedding / 1e9, 3) == 0.754
+    # Independent count from the reference's per-block figures (section 1.5), not from the model code.
+    cca, expert, router, embed = 5_575_682, 12_582_912, 660_992, 262272 * 2048
+    norms_and_scales = 2 * 2048 + 8 * 2048
+    per_layer_shared = cca + router + norms_and_scales
+    layers = 40
+    non_embedding = layers * (per_layer_shared + 16 * expert) - 256 + 3 * 2048  # layer 0: no EDA scale; + input affine, final norm
+    assert counts.non_embedding == non_embedding
+    assert counts.total == non_embedding + embed
+    assert counts.active_non_embedding == layers * (per_layer_shared + expert) - 256 + 3 * 2048
+
+
+def test_layers_run_as_one_scan_so_the_program_does_not_grow_with_depth():
+    def program_size(num_layers: int) -> int:
+        config = load_preset("tiny").replace(num_layers=num_layers)
+        model = nnx.eval_shape(lambda: init_model(config))
+        graphdef, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, jnp.zeros((1, 8), jnp.int32))
+        return len(jaxpr.jaxpr.eqns)
+
+    assert program_size(4) == program_size(40)
+
+
+@pytest.fixture(scope="module")
+def routed_tokens():
+    rng = np.random.default_rng(0)
+    tokens, hidden, inner, experts = 37, 8, 6, 4
+    x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
+    expert = jnp.asarray(rng.integers(0, experts, tokens), jnp.int32)
+    weight = jnp.asarray(rng.uniform(size=tokens), jnp.float32)
+    gate_up = jnp.asarray(rng.normal(size=(experts, hidden, 2 * inner)), jnp.float32)
+    down = jnp.asarray(rng.normal(size=(experts, inner, hidden)), jnp.float32)
+    return x, expert, weight, gate_up, down
+
+
+def test_sorted_dispatch_matches_dense_and_numpy_float64(routed_tokens):
+    x, expert, weight, gate_up, down = map(np.asarray, routed_tokens)
+    inner = down.shape[1]
+    ref = np.zeros_like(x, np.float64)
+    for t in range(x.shape[0]):  # float64 loop over tokens, independent of both implementations
+        h = x[t].astype(np.float64) @ gate_up[expert[t]].astype(np.float64)
+        gate, up = h[:inner], h[inner:]
+        ref[t] = weight[t] * ((gate / (1 + np.exp(-gate)) * up) @ down[expert[t]])
+    for fn in (experts_sorted, experts_dense):
+        np.testing.assert_allclose(np.asarray(fn(*routed_tokens)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sorted_dispatch_gradients_match_dense(routed_tokens):
+    def loss(fn, x, weight, gate_up, down):
+        y = fn(x, routed_tokens[1], weight, gate_up, down)
+        return jnp.sum(jnp.sin(y))
+
+    args = (routed_tokens[0], *routed_tokens[2:])
+    g_sorted = jax.grad(lambda *a: loss(experts_sorted, *a), argnums=(0, 1, 2, 3))(*args)
+    g_dense = jax.grad(lambda *a: loss(experts_dense, *a), argnums=(0, 1, 2, 3))(*args)
+    for a, b in zip(g_sorted, g_dense):
+        assert float(jnp.abs(b).max()) > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_functional_use_and_balancing_bias_is_not_a_param():
+    config = load_preset("tiny")
+    model = init_model(config)
+    graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+    bias_leaves = jax.tree.leaves(biases)
+    assert [b.shape for b in bias_leaves] == [(config.num_layers, config.router_classes)]
+    assert all(np.asarray(bias_leaves[0])[:, -1] == -1.0)
+    assert not any(x.shape == (config.num_layers, config.router_classes) for x in jax.tree.leaves(params))
+
+    @jax.jit
+    def forward(params, biases, ids):
+        return nnx.merge(graphdef, params, biases)(ids, return_choices=True)
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 12)))
+    out = forward(params, biases, ids)
+    assert out.logits.shape == (2, 12, config.vocab_size) and out.choices.shape == (config.num_layers, 2, 12)
+    # A large bias on expert 2 of layer 1 makes every token of that layer choose it: selection reads the bias.
+    pushed = jax.tree.map(lambda b: b.at[1, 2].set(10.0), biases)
+    choices = np.asarray(forward(params, pushed, ids).choices)
+    assert (choices[1] == 2).all() and not (np.asarray(out.choices)[1] == 2).all()
+    # The bias is selection-only: its gradient through the loss is zero.
+    grads = jax.grad(lambda b: forward(params, b, ids).logits.sum())(biases)
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
+
+
+def test_remat_policies_give_the_same_gradients():
+    config = load_preset("tiny")
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (1, 10)))
+    grads = []
+    for policy in ("none", "full", "dots"):
+        model = init_model(config.replace(remat_policy=policy), seed=3)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        g = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p, rest)(ids).std()))(params)
+        grads.append(jax.tree.leaves(g))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
