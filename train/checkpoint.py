@@ -1,0 +1,314 @@
+"""Training checkpoints: save / restore the train state, the data iterator's state and run metadata with orbax.
+
+`Checkpointer` wraps one `orbax.checkpoint.CheckpointManager`. Every checkpoint step holds three items:
+
+    state       StandardSave / StandardRestore   a pytree of arrays: params, optimizer state, balancer state, step
+                                                  counter, PRNG key data, ...
+    data_state  JsonSave / JsonRestore           the data iterator's state (a JSON-serialisable dict)
+    extra       JsonSave / JsonRestore           anything else JSON-serialisable: the run config, metrics, ...
+
+Usage in a training loop:
+
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=1000, keep=3)
+    if (step := ckpt.latest_step()) is not None:
+        step, state, data_state, extra = ckpt.restore(abstract_state)   # abstract_state: jax.ShapeDtypeStructs
+    ...
+    if ckpt.should_save(step):
+        ckpt.save(step, state, data_state, extra)     # async: returns once the arrays are copied off the device
+    ...
+    ckpt.save(step, state, data_state, extra, force=True)   # final / SIGTERM save
+    ckpt.close()                                      # waits for the last save to commit
+
+Guarantees:
+  * Exact: restored arrays are bitwise equal to the saved ones, dtypes included (float32, bfloat16, int32, uint32).
+  * PRNG keys: store `jax.random.key_data(key)` (a uint32 array) in `state` and re-wrap it after restoring with
+    `jax.random.wrap_key_data(data, impl=...)`; the key data round-trips exactly, the typed key array is not stored.
+  * Interrupted writes are never restored. orbax (0.12.x, local / POSIX paths) writes a step into
+    `<step>.orbax-checkpoint-tmp` and commits it by writing `commit_success.txt` and renaming the directory to
+    `<step>` (orbax/checkpoint/_src/path/atomicity.py, `AtomicRenameTemporaryPath.finalize`); a killed process
+    leaves only the temporary directory, which orbax's step listing skips (`_StandardNameFormat._build_metadata`
+    -> `is_path_finalized`, _src/path/step.py) and which is deleted when the next `Checkpointer` opens the
+    directory (`cleanup_tmp_directories`). On object stores (gs://) orbax instead writes into `<step>` directly
+    and a step only counts once `commit_success.txt` exists (`CommitFileTemporaryPath`). On top of that,
+    `latest_step()` checks each step's directory on disk, so a save still in flight in this process (which orbax
+    already lists) is not reported until it has committed; `restore()` first waits for that save.
+    Not detected: a `<step>` directory on a local disk that lacks `commit_success.txt` counts as complete, as it
+    does for orbax (only the atomic rename creates that name, and orbax before 0.12 wrote no marker there).
+  * Restoring into a state whose tree structure, shapes or dtypes differ from the checkpoint raises one ValueError
+    naming every differing tensor, before any array is read. Dtypes must match too: no silent casts on resume.
+
+Multi-host: every process must construct the `Checkpointer` and call `save` / `restore` / `wait` / `close`
+collectively; orbax coordinates the processes (directory creation and commit on the primary host, barriers) when
+`jax.distributed` is initialised. `restore` shards arrays like the abstract leaves' `.sharding`; on more than one
+process the abstract state must carry shardings. `latest_step()` reads the directory on every process, so call it
+when no save is in flight (at start-up, or after `wait()`) for all processes to agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+
+_STATE = "state"
+_DATA_STATE = "data_state"
+_EXTRA = "extra"
+# Long mismatch lists (e.g. a whole model built with another config) are cut here to keep the message readable.
+_MAX_LISTED_MISMATCHES = 40
+
+
+class Checkpointer:
+    """Periodic, asynchronous, crash-safe checkpoints of a training run in one directory (see the module docstring)."""
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, async_save: bool = True):
+        if save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {save_every}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = epath.Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint directory {str(self.directory)!r} exists but is not a directory")
+        self.save_every = save_every
+        self.keep = keep
+        self.async_save = async_save
+        # Our own name format (the same one orbax would default to) so that `_is_committed` asks orbax the very
+        # question its step listing asks, instead of re-deriving step directory names here.
+        self._name_format = ocp.step.standard_name_format()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            # `should_save` is ours; orbax's interval logic is bypassed with force=True in `save`.
+            save_interval_steps=1,
+            step_name_format=self._name_format,
+            create=True,
+            # Leftovers of a killed save are never restorable; removing them (primary host only) frees their space.
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        # Registering the handlers up front lets a fresh manager read `state`'s tree metadata before any restore.
+        registry = ocp.handlers.create_default_handler_registry(
+            **{
+                _STATE: ocp.StandardCheckpointHandler(),
+                _DATA_STATE: ocp.JsonCheckpointHandler(),
+                _EXTRA: ocp.JsonCheckpointHandler(),
+            }
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+        self._pending_step: int | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ saving
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is a periodic checkpoint step (`step % save_every == 0`)."""
+        return step % self.save_every == 0
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        data_state: dict,
+        extra: dict | None = None,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Saves a checkpoint for `step` if `should_save(step)` or `force`; returns whether a save was started.
+
+        With `async_save` this returns once the arrays have been copied off the device: the caller may then donate
+        or overwrite `state` while the files are written in the background. A step that is already saved (or being
+        saved) is left alone and False is returned. After the save, only the newest `keep` checkpoints remain.
+        """
+        self._check_open()
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps():
+            return False
+        typed_keys = [
+            _path_str(path)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+            if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+        ]
+        if typed_keys:
+            # orbax would store only the key data, which then cannot be restored into a typed-key abstract state.
+            raise TypeError(
+                f"typed PRNG keys in the checkpoint state ({', '.join(typed_keys)}): store jax.random.key_data(key) "
+                "and re-wrap it with jax.random.wrap_key_data after restoring"
+            )
+        extra = {} if extra is None else extra
+        # Fail here, in the caller's frame, rather than in orbax's background writer thread.
+        for name, value in ((_DATA_STATE, data_state), (_EXTRA, extra)):
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"checkpoint {name} must be JSON-serialisable: {e}") from e
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardSave(state),
+                    _DATA_STATE: ocp.args.JsonSave(data_state),
+                    _EXTRA: ocp.args.JsonSave(extra),
+                }
+            ),
+            force=True,
+        )
+        if saved:
+            self._pending_step = step
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Blocks until the background save (if any) has committed; raises if it did not."""
+        self._manager.wait_until_finished()
+        step, self._pending_step = self._pending_step, None
+        if step is not None and not self._is_committed(step):
+            raise RuntimeError(f"checkpoint step {step} in {str(self.directory)!r} did not commit; see orbax's log")
+
+    def close(self) -> None:
+        """Waits for the last save and releases orbax's resources. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            self._closed = True
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- restoring
+
+    def all_steps(self) -> list[int]:
+        """The steps of all complete (committed) checkpoints, ascending."""
+        return sorted(s for s in self._manager.all_steps() if self._is_committed(s))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[int, PyTree, dict, dict]:
+        """Restores checkpoint `step` (default: the latest complete one) into the structure of `abstract_state`.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s (with `.sharding` to place the arrays; e.g. from
+        `jax.eval_shape`) or of arrays (whose shape, dtype and sharding are used). Returns
+        `(step, state, data_state, extra)`. Raises FileNotFoundError when there is no such complete checkpoint and
+        ValueError when its tensors do not match `abstract_state` (listing all differences).
+        """
+        self._check_open()
+        # Our own in-flight save must land before it can be listed or read.
+        self.wait()
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(f"no complete checkpoint in {str(self.directory)!r}")
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(
+                f"no complete checkpoint for step {step} in {str(self.directory)!r}; complete steps: {steps}"
+            )
+        abstract_state = jax.tree.map(_as_abstract, abstract_state)
+        self._check_matches(step, abstract_state)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardRestore(abstract_state),
+                    _DATA_STATE: ocp.args.JsonRestore(),
+                    _EXTRA: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        return step, restored[_STATE], restored[_DATA_STATE], restored[_EXTRA]
+
+    # ---------------------------------------------------------------- internal
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("Checkpointer is closed")
+
+    def _is_committed(self, step: int) -> bool:
+        try:
+            self._name_format.find_step(self.directory, step)
+        except ValueError:
+            return False
+        return True
+
+    def _check_matches(self, step: int, abstract_state: PyTree) -> None:
+        """Compares the checkpoint's tree metadata with `abstract_state`; raises one ValueError listing all diffs."""
+        tree_metadata = self._manager.metadata(step).item_metadata[_STATE]
+        tree_metadata = getattr(tree_metadata, "tree", tree_metadata)
+        saved = _flat_shapes(tree_metadata)
+        wanted = _flat_shapes(abstract_state)
+        problems = []
+        for path in sorted(saved.keys() | wanted.keys()):
+            if path not in wanted:
+                problems.append(f"{path}: in the checkpoint {_fmt(saved[path])}, not in the model")
+            elif path not in saved:
+                problems.append(f"{path}: missing from the checkpoint, model {_fmt(wanted[path])}")
+            elif not _compatible(saved[path], wanted[path]):
+                problems.append(f"{path}: checkpoint {_fmt(saved[path])}, model {_fmt(wanted[path])}")
+        if problems:
+            more = len(problems) - _MAX_LISTED_MISMATCHES
+            listed = problems[:_MAX_LISTED_MISMATCHES] + ([f"... and {more} more"] if more > 0 else [])
+            raise ValueError(f"checkpoint step {step} does not match the model: " + "; ".join(listed))
+
+
+def _as_abstract(leaf: Any) -> Any:
+    # Only a concrete array's shape, dtype and sharding matter for the restore (its buffer may even be donated).
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
+
+
+def _key_name(key: Any) -> str:
+    # orbax stores namedtuples (optax states) as dicts and tuples as lists, so attribute, dict and sequence keys must
+    # all render alike for the checkpoint's paths to line up with the model's.
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(_key_name(k) for k in path)
+
+
+def _flat_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...] | None, str | None]]:
+    """{"a/b/0/c": (shape, dtype name)} for every leaf of `tree` (arrays, ShapeDtypeStructs or orbax metadata)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        dtype = getattr(leaf, "dtype", None)
+        out[_path_str(path)] = (
+            None if shape is None else tuple(shape),
+            None if dtype is None else _dtype_name(dtype),
+        )
+    return out
+
+
+def _dtype_name(dtype: Any) -> str:
+    # Extended dtypes (typed PRNG keys: "key<fry>") are not NumPy dtypes; their str() is still unambiguous.
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def _compatible(a: tuple[tuple[int, ...] | None, str | None], b: tuple[tuple[int, ...] | None, str | None]) -> bool:
+    # A field only one side knows (e.g. a non-array leaf's dtype) cannot be compared, so it does not count as a diff.
+    return all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
+def _fmt(shape_dtype: tuple[tuple[int, ...] | None, str | None]) -> str:
+    shape, dtype = shape_dtype
+    return f"{'?' if shape is None else shape} {dtype or '?'}"
