@@ -83,8 +83,9 @@ class BalancerState(NamedTuple):
 def init_balancer(num_layers: int, num_classes: int) -> BalancerState:
     """Zero AdamW state for `num_layers` MoE layers of `num_classes` = E + 1 router classes."""
     _check_sizes(num_layers, num_classes)
-    zeros = jnp.zeros((num_layers, num_classes), jnp.float32)
-    return BalancerState(step=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros)
+    # Two distinct buffers: a train step that donates its state cannot donate one buffer twice.
+    shape = (num_layers, num_classes)
+    return BalancerState(step=jnp.zeros((), jnp.int32), mu=jnp.zeros(shape, jnp.float32), nu=jnp.zeros(shape, jnp.float32))
 
 
 def init_biases(num_layers: int, num_classes: int, skip_bias: float = -1.0) -> jax.Array:

@@ -2,15 +2,13 @@
 
 `make_optimizer(cfg, params)` builds, for an arbitrary params pytree (in practice an `nnx.State` of `nnx.Param`s):
 
-    [optax.MultiSteps, when accumulation_steps > 1] (
-        clip_by_global_norm(clip_norm)                  # over the whole tree, when clip_norm is set
-        -> "adamw": AdamW(schedule), decoupled weight decay on the "decay" group only
-        -> "muon":  Muon(schedule) on the "muon" group, AdamW(schedule) on "decay" and "no_decay"
-    )
+    clip_by_global_norm(clip_norm)                  # over the whole tree, when clip_norm is set
+    -> "adamw": AdamW(schedule), decoupled weight decay on the "decay" group only
+    -> "muon":  Muon(schedule) on the "muon" group, AdamW(schedule) on "decay" and "no_decay"
 
 Parameter groups (`param_groups`), from each leaf's path and shape:
     "no_decay"  ndim <= 1: norms, scales, biases — AdamW without weight decay.
-    "decay"     a path containing one of `cfg.adamw_path_keywords` (default "embed", "lm_head"), or any ndim >= 2
+    "decay"     a path containing one of `cfg.adamw_path_keywords` (default "embed", "lm_head", "conv_depthwise"), or any ndim >= 2
                 leaf under "adamw" — AdamW with weight decay. Embeddings are decayed but never go to Muon: their
                 gradient rows are sparse per token and Muon's orthogonalisation assumes a dense linear map.
     "muon"      every other ndim >= 2 leaf under "muon": the hidden matrices. The LAST TWO axes are the matrix
@@ -35,11 +33,8 @@ min = min_lr_ratio * lr):
     "wsd",    t >= W:   lr until T - D, then linearly to min at t = T, D = round(decay_fraction * T); min after T
     "constant", t >= W: lr
 
-Gradient accumulation: with accumulation_steps = k > 1 the whole transformation is wrapped in `optax.MultiSteps`:
-feed it every micro-batch's gradient; it returns zero updates for k - 1 calls and the real update, computed from the
-mean of the k gradients, on the k-th. Clipping therefore sees the accumulated mean gradient, and the schedule counts
-*optimizer updates*, not micro-batches (warmup_steps and total_steps are in updates). Callers that accumulate inside
-their own train step should leave accumulation_steps at 1.
+Gradient accumulation is the train step's job (train/step.py): it sums micro-batch gradients and expert counts so
+the optimizer and the balancer both see the global batch once per step.
 """
 
 from __future__ import annotations
@@ -76,9 +71,10 @@ class OptimizerConfig:
     decay_fraction: float = 0.2  # "wsd": the final fraction of total_steps that decays to min_lr_ratio * lr
     clip_norm: float | None = 1.0
     muon_momentum: float = 0.95
-    accumulation_steps: int = 1
     muon_consistent_rms: float | None = 0.2  # None: Keller Jordan's sqrt(max(1, fan_out / fan_in)) scale instead
-    adamw_path_keywords: tuple[str, ...] = ("embed", "lm_head")  # ndim >= 2 leaves kept on AdamW under "muon"
+    # Matrices kept on AdamW under "muon": embeddings (sparse rows) and the depthwise conv taps (per channel, no map).
+    adamw_path_keywords: tuple[str, ...] = ("embed", "lm_head", "conv_depthwise")
+    stacked_prefixes: tuple[str, ...] = ("layers",)  # top-level keys whose leaves have a leading layer axis
 
     def __post_init__(self) -> None:
         if self.name not in _NAMES:
@@ -90,7 +86,7 @@ class OptimizerConfig:
         for name in ("clip_norm", "muon_consistent_rms"):
             if getattr(self, name) is not None:
                 _set_float(self, name)
-        for name in ("warmup_steps", "total_steps", "accumulation_steps"):
+        for name in ("warmup_steps", "total_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"OptimizerConfig.{name} must be an int, got {value!r}")
@@ -119,8 +115,6 @@ class OptimizerConfig:
             )
         if self.clip_norm is not None and self.clip_norm <= 0:
             raise ValueError(f"OptimizerConfig.clip_norm must be > 0 or None, got {self.clip_norm}")
-        if self.accumulation_steps < 1:
-            raise ValueError(f"OptimizerConfig.accumulation_steps must be >= 1, got {self.accumulation_steps}")
         if self.muon_consistent_rms is not None and self.muon_consistent_rms <= 0:
             raise ValueError(f"OptimizerConfig.muon_consistent_rms must be > 0 or None, got {self.muon_consistent_rms}")
         keywords = self.adamw_path_keywords
@@ -129,6 +123,7 @@ class OptimizerConfig:
                 f"OptimizerConfig.adamw_path_keywords must be a sequence of non-empty strings, got {keywords!r}"
             )
         object.__setattr__(self, "adamw_path_keywords", tuple(keywords))
+        object.__setattr__(self, "stacked_prefixes", tuple(self.stacked_prefixes))
 
     @property
     def decay_steps(self) -> int:
@@ -163,6 +158,9 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 def param_groups(cfg: OptimizerConfig, params: PyTree) -> PyTree:
     """The group ("muon" | "decay" | "no_decay") of every leaf of `params`, as a pytree of the same structure.
 
+    Leaves under a top-level key in `cfg.stacked_prefixes` (default "layers": the model's scanned layer stack) carry
+    one leading layer axis that does not count towards their rank, so a stacked norm scale [L, D] is a vector.
+
     Works on any pytree whose leaves are arrays (or ShapeDtypeStructs): the path's key names — dict keys,
     attribute names, sequence indices, as `jax.tree_util.tree_map_with_path` sees them (nnx.State included) —
     are matched case-insensitively against `cfg.adamw_path_keywords`.
@@ -170,7 +168,8 @@ def param_groups(cfg: OptimizerConfig, params: PyTree) -> PyTree:
     keywords = tuple(k.lower() for k in cfg.adamw_path_keywords)
 
     def group(path: tuple[Any, ...], leaf: Any) -> str:
-        if _rank(leaf) <= 1:
+        stacked = 1 if _path_name(path).split("/")[0] in cfg.stacked_prefixes else 0
+        if _rank(leaf) - stacked <= 1:
             return "no_decay"
         if cfg.name == "adamw" or any(k in _path_name(path) for k in keywords):
             return "decay"
@@ -226,8 +225,6 @@ def make_optimizer(cfg: OptimizerConfig, params: PyTree, groups: PyTree | None =
         )
 
     opt = core if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), core)
-    if cfg.accumulation_steps > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=cfg.accumulation_steps).gradient_transformation()
     return opt
 
 

@@ -140,14 +140,18 @@ def checkpoint_shapes(config: ZayaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def iter_hf_tensors(model: ZayaForCausalLM) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (transformers name, array) one tensor at a time, in the checkpoint's order."""
+def iter_hf_tensors(model: ZayaForCausalLM, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (transformers name, array) one tensor at a time, in the checkpoint's order; parameters are cast to
+    `dtype` when given (balancing biases stay float32)."""
     ours = nnx.to_pure_dict(nnx.state(model))
     for name, path, layer, to_hf, _ in _tensor_plan(model.config):
         array = _get(ours, path)
         if layer is not None:
             array = array[layer]
-        yield name, np.ascontiguousarray(to_hf(np.asarray(array)))
+        array = np.asarray(array)
+        if dtype is not None and path[-1] != "balancing_bias":
+            array = array.astype(_NP_DTYPES[dtype])
+        yield name, np.ascontiguousarray(to_hf(array))
 
 
 def model_from_hf_tensors(
@@ -236,10 +240,14 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, **config_
 
 
 def save_pretrained(
-    model: ZayaForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB"
+    model: ZayaForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB", dtype: str | None = None
 ) -> None:
-    """Writes config.json and safetensors shards that `transformers.ZayaForCausalLM.from_pretrained` loads."""
+    """Writes config.json and safetensors shards that `transformers.ZayaForCausalLM.from_pretrained` loads.
+
+    dtype ("float32" | "bfloat16"): the stored parameter dtype; defaults to the model's parameter dtype.
+    """
     path = os.path.abspath(os.fspath(path))
+    config = model.config if dtype is None else model.config.replace(param_dtype=dtype, dtype=dtype)
     limit = _parse_size(max_shard_size)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -247,9 +255,9 @@ def save_pretrained(
     try:
         shards: list[list[str]] = [[]]
         sizes = [0]
-        shapes = checkpoint_shapes(model.config)
+        shapes = checkpoint_shapes(config)
         for name, shape in shapes.items():
-            nbytes = int(np.prod(shape)) * (4 if name.endswith("balancing_biases") else _itemsize(model.config))
+            nbytes = int(np.prod(shape)) * (4 if name.endswith("balancing_biases") else _itemsize(config))
             if shards[-1] and sizes[-1] + nbytes > limit:
                 shards.append([])
                 sizes.append(0)
@@ -261,7 +269,7 @@ def save_pretrained(
             else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
         )
         shard_of = {name: k for k, names in enumerate(shards) for name in names}
-        tensors = iter_hf_tensors(model)
+        tensors = iter_hf_tensors(model, dtype)
         weight_map = {}
         for k, filename in enumerate(filenames):
             block = {}
@@ -277,7 +285,7 @@ def save_pretrained(
             with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(model.config.to_hf(), f, indent=2)
+            json.dump(config.to_hf(), f, indent=2)
         _move_into_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

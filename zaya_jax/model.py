@@ -15,6 +15,7 @@ layer, `choices` [L, B, S] int32 (0..E-1, E = skip), which the balancer counts.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -159,7 +160,20 @@ def _check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
 
 
 def init_model(config: ZayaConfig, seed: int = 0) -> ZayaForCausalLM:
-    return ZayaForCausalLM(config, rngs=nnx.Rngs(seed))
+    """A freshly initialised model. Initialisation runs as one compiled program, cached per config, because
+    eager per-parameter random draws cost a compile each (seconds for even the tiny preset on CPU)."""
+    graphdef, create = _compiled_init(config)
+    return nnx.merge(graphdef, create(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(config: ZayaConfig):
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: ZayaForCausalLM(config, rngs=nnx.Rngs(0))))
+    # Initialisation runs once and is memory-bound: skipping backend optimisation cuts its compile ~5x on CPU.
+    return graphdef, jax.jit(
+        lambda key: nnx.state(ZayaForCausalLM(config, rngs=nnx.Rngs(key))),
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
 
 
 class ParameterCounts(NamedTuple):

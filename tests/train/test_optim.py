@@ -305,21 +305,6 @@ def test_nnx_state_paths() -> None:
     assert jax.tree.structure(updates) == jax.tree.structure(state)
 
 
-# ---- accumulation ------------------------------------------------------------------------------------------------
-
-
-def test_accumulation_equals_mean_gradient_step() -> None:
-    params = {"w": _small_params()["layer"]["kernel"], "b": _small_params()["layer"]["bias"]}
-    g1, g2 = _grads_like(params, 61), _grads_like(params, 62)
-    base = dict(lr=1e-2, warmup_steps=0, total_steps=10, clip_norm=0.5)
-    accumulated = _run(make_optimizer(OptimizerConfig(**base, accumulation_steps=2), params), params, [g1, g2])
-    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(accumulated[0]))
-    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-    single = _run(make_optimizer(OptimizerConfig(**base), params), params, [mean])
-    for got, want in zip(jax.tree.leaves(accumulated[1]), jax.tree.leaves(single[0])):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-9)
-
-
 # ---- validation --------------------------------------------------------------------------------------------------
 
 
@@ -343,7 +328,6 @@ def test_accumulation_equals_mean_gradient_step() -> None:
         ({"schedule": "wsd", "warmup_steps": 900, "decay_fraction": 0.2}, "decay_fraction"),
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"muon_momentum": 1.0}, "muon_momentum"),
-        ({"accumulation_steps": 0}, "accumulation_steps"),
         ({"muon_consistent_rms": -1.0}, "muon_consistent_rms"),
         ({"adamw_path_keywords": "embed"}, "adamw_path_keywords"),
         ({"lr": float("inf")}, "lr"),

@@ -1,0 +1,95 @@
+"""Command-line entry points for training.
+
+    zaya-train  --config configs/tiny.yaml [--set section.key=value ...]
+    zaya-export --checkpoint RUN_DIR --out HF_DIR [--step N] [--dtype bfloat16]
+
+Errors a user can cause (a missing file, a bad config value, an unknown key) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from train.config import TrainConfig, load_train_config
+
+
+def _fail(prog: str, error: BaseException) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zaya-train", description="Train a ZAYA1 model (see train/loop.py).")
+    parser.add_argument("--config", required=True, help="YAML preset with model/optimizer/balancer/data/train sections")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set train.steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        return _fail("zaya-train", e)
+
+    from train.loop import BadStepsError, run_training
+
+    try:
+        summary = run_training(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail("zaya-train", e)
+    except BadStepsError as e:
+        return _fail("zaya-train", e)
+    print(f"run directory: {summary.run_dir}")
+    print(f"steps: {summary.steps}  first loss: {summary.first_loss:.4f}  last loss: {summary.last_loss:.4f}  "
+          f"skipped steps: {summary.skipped_steps}")
+    print(f"data: {summary.data_counters}")
+    if summary.heldout_accuracy is not None:
+        print(f"held-out answer accuracy: {summary.heldout_accuracy:.3f} ({cfg.data.eval_samples} problems)")
+    if summary.interrupted:
+        print("stopped early by a signal; the checkpoint is saved, rerun the same command to resume")
+    print(f"wall time: {summary.wall_time_s:.1f}s")
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zaya-export", description="Write a transformers-format checkpoint "
+                                     "(config.json + safetensors) from a zaya-train run directory.")
+    parser.add_argument("--checkpoint", required=True, help="a zaya-train run directory")
+    parser.add_argument("--out", required=True, help="output directory (transformers format)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="dtype of the written tensors (default: the run's parameter dtype)")
+    parser.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args(argv)
+    try:
+        export_run(args.checkpoint, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail("zaya-export", e)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def export_run(run_dir: str, out: str, *, step: int | None = None, dtype: str | None = None,
+               max_shard_size: str | int = "5GB") -> None:
+    from flax import nnx
+
+    from train.checkpoint import Checkpointer
+    from train.loop import abstract_like, from_nested_dict, setup, to_nested_dict
+    from zaya_jax.hf_io import save_pretrained
+
+    config_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a zaya-train run directory)")
+    cfg: TrainConfig = load_train_config(config_path)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=cfg.train.save_every,
+                                keep=cfg.train.keep_checkpoints, async_save=False)
+    try:
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
+        graphdef, template, _, _ = setup(cfg)
+        _, nested, _, _ = checkpointer.restore(to_nested_dict(abstract_like(template)), step=step)
+    finally:
+        checkpointer.close()
+    state = from_nested_dict(template, nested)
+    model = nnx.merge(graphdef, state.params, state.biases)
+    save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)

@@ -1,0 +1,173 @@
+"""The training run's configuration: one YAML file with a section per concern, plus `--set a.b=value` overrides.
+
+    model:      ZayaConfig fields (zaya_jax/config.py)
+    optimizer:  OptimizerConfig fields (train/optim.py)
+    balancer:   BalancerConfig fields (train/balancer.py)
+    data:       DataConfig fields (below)
+    train:      RunConfig fields (below)
+
+A YAML preset may hold only some sections (the model presets hold `model:` alone); missing sections take their
+defaults. Every key is checked: an unknown key is an error that lists the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any
+
+import yaml
+
+from train.balancer import BalancerConfig
+from train.optim import OptimizerConfig
+from zaya_jax.config import ZayaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # "synthetic[:split[:size]]", a .jsonl / .arrayrecord / .npy path
+    tokenizer: str = "byte"  # "byte" (built in) or a path to a tokenizer.json
+    seq_len: int = 256
+    completion_only: bool = True  # loss on thinking + answer only (False: on every token)
+    trim: bool = True  # answer-preserving trimming of samples longer than seq_len
+    on_error: str = "raise"  # malformed records: "raise" or "skip" (counted)
+    pack_buffer_size: int = 256
+    eval_source: str = "synthetic:heldout"
+    eval_samples: int = 64
+    eval_max_new_tokens: int = 96
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        for name in ("pack_buffer_size", "eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 0:
+            raise ValueError(f"data.eval_samples must be >= 0, got {self.eval_samples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    steps: int = 300
+    batch_size: int = 16  # global batch (rows of seq_len tokens), split over accumulation_steps micro-batches
+    accumulation_steps: int = 1
+    seed: int = 0
+    run_dir: str = "runs/tiny"
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    z_loss: float = 0.0  # weight of mean(logsumexp^2); 0 disables
+    max_consecutive_bad_steps: int = 5  # non-finite loss: skip the step; stop after this many in a row
+    init_from: str = ""  # a transformers-format directory to fine-tune from (load_pretrained)
+    resume: bool = True  # continue from the run directory's latest checkpoint when there is one
+    peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate; 0 = look up the device kind
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "accumulation_steps", "log_every", "save_every", "keep_checkpoints",
+                     "max_consecutive_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.accumulation_steps:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.accumulation_steps "
+                f"({self.accumulation_steps})"
+            )
+        if self.z_loss < 0:
+            raise ValueError(f"train.z_loss must be >= 0, got {self.z_loss}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ZayaConfig,
+    "optimizer": OptimizerConfig,
+    "balancer": BalancerConfig,
+    "data": DataConfig,
+    "train": RunConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ZayaConfig
+    optimizer: OptimizerConfig
+    balancer: BalancerConfig
+    data: DataConfig
+    train: RunConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            out[name] = section.to_dict() if hasattr(section, "to_dict") else _plain(dataclasses.asdict(section))
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        unknown = [k for k in values if k not in SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown config section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
+        built = {}
+        for name, section_cls in SECTIONS.items():
+            section = values.get(name) or {}
+            if not isinstance(section, dict):
+                raise ValueError(f"config section {name!r} must be a mapping, got {type(section).__name__}")
+            _check_section_keys(name, section_cls, section)
+            if section_cls is ZayaConfig:
+                built[name] = ZayaConfig.from_dict(section)
+            else:
+                built[name] = section_cls(**{k: _tuple_lists(v) for k, v in section.items()})
+        return cls(**built)
+
+
+def load_train_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Reads a YAML preset and applies `section.key=value` overrides (values parsed as YAML scalars)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    if "model" not in values and any(k in ZayaConfig.__dataclass_fields__ for k in values):
+        values = {"model": values}  # a bare model preset
+    values = {k: dict(v or {}) for k, v in values.items()}
+    for override in overrides:
+        section, key, value = _parse_override(override)
+        values.setdefault(section, {})[key] = value
+    return TrainConfig.from_dict(values)
+
+
+def valid_keys() -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _parse_override(override: str) -> tuple[str, str, Any]:
+    if "=" not in override:
+        raise ValueError(f"--set {override!r}: expected section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = valid_keys()
+    if dotted not in keys:
+        close = difflib.get_close_matches(dotted, keys, n=3, cutoff=0.5)
+        hint = f"; closest valid keys: {', '.join(close)}" if close else f"; valid sections: {', '.join(SECTIONS)}"
+        raise ValueError(f"--set: unknown key {dotted!r}{hint}")
+    section, key = dotted.split(".", 1)
+    return section, key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def _check_section_keys(name: str, cls: type, section: dict[str, Any]) -> None:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in section:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f"; did you mean {', '.join(f'{name}.{c}' for c in close)}?" if close else ""
+            raise ValueError(f"unknown key {name}.{key}{hint}")
+
+
+def _tuple_lists(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}

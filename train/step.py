@@ -1,0 +1,149 @@
+"""The pure training step: (state, batch) -> (new state, metrics), jitted once.
+
+    TrainState = (params, biases, opt_state, balancer, step, rng)
+        params    nnx.State of nnx.Param (float32 master weights; the model computes in its config's dtype)
+        biases    nnx.State of BalancingBias: [L, E + 1] float32, the router's selection biases
+        opt_state optax state over params only (biases are invisible to the optimizer)
+        balancer  BalancerState: the AdamW moments of the PID bias balancer
+        step      int32 []
+        rng       uint32 [2] PRNG key (the model is deterministic; kept so stochastic additions stay reproducible)
+    batch (from train/data/pipeline.py), all [B, S]:
+        tokens, segment_ids, positions (int32), targets (int32), target_mask (float32)
+
+One step: the batch is split into `accumulation_steps` micro-batches scanned in sequence; each contributes the
+gradient of its *summed* token loss and its expert-choice counts, so the accumulated gradient, divided by the
+global count of target tokens, equals the gradient of one big batch. Then global-norm clipping and the optimizer
+update the params, and the balancer updates the biases from the counts of the whole (global) batch. A non-finite
+loss or gradient norm skips the update (params, optimizer and balancer unchanged) and reports `skipped = 1`.
+
+Loss: next-token cross-entropy in float32 over target_mask, plus optional z-loss z * mean(logsumexp(logits)^2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train.balancer import BalancerConfig, BalancerState, balancer_update, expert_counts, init_balancer
+from zaya_jax.router import BalancingBias
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+    params: Any
+    biases: Any
+    opt_state: Any
+    balancer: BalancerState
+    step: jax.Array
+    rng: jax.Array
+
+
+def token_losses(
+    graphdef: nnx.GraphDef, params: Any, biases: Any, batch: Batch
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """-> (nll [B, S] float32, logsumexp [B, S] float32, expert choices [L, B, S] int32)."""
+    model = nnx.merge(graphdef, params, biases)
+    hidden, choices = model.hidden_states(
+        batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+    )
+    logits = model.logits(hidden)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z, choices
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    balancer_config: BalancerConfig,
+    num_router_classes: int,
+    *,
+    accumulation_steps: int = 1,
+    z_loss: float = 0.0,
+    learning_rate: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the pure step function; jit it (with `donate_argnums=0` to reuse the state's buffers)."""
+
+    def summed_loss(params, biases, micro):
+        nll, log_z, choices = token_losses(graphdef, params, biases, micro)
+        mask = micro["target_mask"]
+        nll_sum = jnp.sum(nll * mask)
+        z_sum = jnp.sum(jnp.square(log_z) * mask)
+        # Padding (segment 0) is not routed work the balancer should count.
+        counts = expert_counts(choices, num_router_classes, micro["segment_ids"] > 0)
+        return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask), counts)
+
+    grad_fn = jax.grad(summed_loss, has_aux=True)
+
+    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        micro_batches = jax.tree.map(
+            lambda x: x.reshape(accumulation_steps, x.shape[0] // accumulation_steps, *x.shape[1:]), batch
+        )
+
+        def accumulate(carry, micro):
+            grads, nll_sum, z_sum, count, counts = carry
+            g, (n, z, c, k) = grad_fn(state.params, state.biases, micro)
+            return (jax.tree.map(jnp.add, grads, g), nll_sum + n, z_sum + z, count + c, counts + k), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        num_layers = jax.tree.leaves(state.biases)[0].shape[0]
+        init = (zeros, 0.0, 0.0, 0.0, jnp.zeros((num_layers, num_router_classes), jnp.float32))
+        (grads, nll_sum, z_sum, count, counts), _ = jax.lax.scan(accumulate, init, micro_batches)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll_sum / denom
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        bias_leaves, bias_def = jax.tree.flatten(state.biases)
+        new_bias, balancer, bal_metrics = balancer_update(balancer_config, state.balancer, bias_leaves[0], counts)
+        biases = jax.tree.unflatten(bias_def, [new_bias])
+
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            params=keep(params, state.params),
+            biases=keep(biases, state.biases),
+            opt_state=keep(opt_state, state.opt_state),
+            balancer=keep(balancer, state.balancer),
+            step=state.step + 1,
+            rng=jax.random.fold_in(state.rng, state.step),
+        )
+        totals = counts.sum(axis=-1, keepdims=True)
+        metrics = {
+            "loss": loss,
+            "z_loss": z_sum / denom,
+            "grad_norm": grad_norm,
+            "target_tokens": count,
+            "skipped": (~finite).astype(jnp.int32),
+            "expert_load": counts[:, :-1] / jnp.maximum(totals, 1.0),  # [L, E]
+            "balancing_bias": keep(new_bias, bias_leaves[0])[:, :-1],  # [L, E]
+            **bal_metrics,
+        }
+        if learning_rate is not None:
+            metrics["lr"] = learning_rate(state.step)
+        return new_state, metrics
+
+    return step_fn
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int) -> tuple[
+    nnx.GraphDef, TrainState
+]:
+    """Splits a model into (graphdef, TrainState) with fresh optimizer and balancer state."""
+    graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+    bias = jax.tree.leaves(biases)[0]
+    return graphdef, TrainState(
+        params=params,
+        biases=biases,
+        opt_state=optimizer.init(params),
+        balancer=init_balancer(*bias.shape),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed),
+    )
