@@ -93,3 +93,7 @@ def export_run(run_dir: str, out: str, *, step: int | None = None, dtype: str | 
     state = from_nested_dict(template, nested)
     model = nnx.merge(graphdef, state.params, state.biases)
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -17,11 +17,9 @@ import difflib
 import os
 from typing import Any
 
-import yaml
-
 from train.balancer import BalancerConfig
 from train.optim import OptimizerConfig
-from zaya_jax.config import ZayaConfig
+from zaya_jax.config import ZayaConfig, load_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +125,7 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
-        values = yaml.safe_load(f) or {}
+        values = load_yaml(f) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
     if "model" not in values and any(k in ZayaConfig.__dataclass_fields__ for k in values):
@@ -153,7 +151,7 @@ def _parse_override(override: str) -> tuple[str, str, Any]:
         hint = f"; closest valid keys: {', '.join(close)}" if close else f"; valid sections: {', '.join(SECTIONS)}"
         raise ValueError(f"--set: unknown key {dotted!r}{hint}")
     section, key = dotted.split(".", 1)
-    return section, key, yaml.safe_load(raw) if raw != "" else ""
+    return section, key, load_yaml(raw) if raw != "" else ""
 
 
 def _check_section_keys(name: str, cls: type, section: dict[str, Any]) -> None:

@@ -212,13 +212,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
             step += 1
             skipped_total += skipped
             consecutive_bad = consecutive_bad + 1 if skipped else 0
-            if consecutive_bad >= run.max_consecutive_bad_steps:
-                checkpointer.wait()
-                raise BadStepsError(
-                    f"{consecutive_bad} consecutive steps with a non-finite loss (last at step {step}); "
-                    f"stopping with the last good checkpoint (step {checkpointer.latest_step()}) intact"
-                )
-            if step % run.log_every == 0 or step == run.steps or step == start_step + 1:
+            if step % run.log_every == 0 or step == run.steps or step == start_step + 1 or skipped:
                 host = jax.device_get(metrics)
                 loss = float(host["loss"])
                 first_loss = loss if first_loss is None else first_loss
@@ -235,6 +229,12 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
                 history["expert_load"].append(np.asarray(host["expert_load"]))
                 history["balancing_bias"].append(np.asarray(host["balancing_bias"]))
                 history["routing_entropy"].append(np.asarray(host["routing_entropy"]))
+            if consecutive_bad >= run.max_consecutive_bad_steps:
+                checkpointer.wait()
+                raise BadStepsError(
+                    f"{consecutive_bad} consecutive steps with a non-finite loss (last at step {step}); "
+                    f"stopping with the last good checkpoint (step {checkpointer.latest_step()}) intact"
+                )
             if checkpointer.should_save(step):
                 checkpointer.save(step, to_nested_dict(state), data_iter.get_state())
             if stop_requested["signal"] is not None or (stop_after is not None and step - start_step >= stop_after):

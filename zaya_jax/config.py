@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 from typing import Any, Literal
 
 import yaml
@@ -163,7 +164,7 @@ class ZayaConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path) as f:
-            values = yaml.safe_load(f)
+            values = load_yaml(f)
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of ZayaConfig fields, got {type(values).__name__}")
         values = values.get("model", values)
@@ -273,6 +274,26 @@ class ZayaConfig:
     def from_hf_file(cls, path: str | os.PathLike, **overrides: Any) -> "ZayaConfig":
         with open(path) as f:
             return cls.from_hf(json.load(f), **overrides)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-5` and `3e30` as strings because they lack a dot."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text_or_stream: Any) -> Any:
+    """Parses YAML with YAML 1.2 float rules (see `_YamlLoader`)."""
+    return yaml.load(text_or_stream, Loader=_YamlLoader)
 
 
 def load_preset(name_or_path: str | os.PathLike) -> ZayaConfig:

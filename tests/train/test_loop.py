@@ -1,0 +1,139 @@
+"""The training run end to end: exact resume, signals, bad steps, fine-tuning, export, CLI errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from train.checkpoint import Checkpointer
+from train.cli import export_main, train_main
+from train.config import load_train_config
+from train.loop import BadStepsError, build_model, run_training
+from train.metrics import read_metrics
+from zaya_jax import load_pretrained
+
+SMALL = ["data.seq_len=64", "train.batch_size=4", "train.log_every=1", "data.eval_samples=0",
+         "optimizer.warmup_steps=2", "optimizer.total_steps=6"]
+
+
+def _config(run_dir, *extra):
+    return load_train_config("configs/tiny.yaml", [*SMALL, f"train.run_dir={run_dir}", *extra])
+
+
+def _final_state(run_dir):
+    with Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=1, keep=10) as ckpt:
+        step = ckpt.latest_step()
+    return step
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("straight"))
+    summary = run_training(_config(run_dir, "train.steps=6", "train.save_every=3"))
+    return run_dir, summary
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path):
+    straight_dir, straight = straight_run
+    resumed_dir = str(tmp_path / "resumed")
+    cfg = _config(resumed_dir, "train.steps=6", "train.save_every=3")
+    first = run_training(cfg, stop_after=3)
+    assert first.interrupted and first.steps == 3
+    second = run_training(cfg)
+    assert second.steps == 6 and not second.interrupted
+
+    losses = {r["step"]: r["loss"] for r in read_metrics(straight_dir)}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(resumed_dir)}
+    assert sorted(losses) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert all(losses[s] == resumed[s] for s in losses), (losses, resumed)  # bitwise: == on floats
+    assert losses[6] < losses[1]
+
+    a, b = load_pretrained_run(straight_dir), load_pretrained_run(resumed_dir)
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def load_pretrained_run(run_dir):
+    out = os.path.join(run_dir, "export")
+    assert export_main(["--checkpoint", run_dir, "--out", out]) == 0
+    return load_pretrained(out)
+
+
+def test_export_loads_in_transformers_with_the_same_logits(straight_run):
+    run_dir, _ = straight_run
+    ours = load_pretrained_run(run_dir)
+    hf = transformers.ZayaForCausalLM.from_pretrained(os.path.join(run_dir, "export"), attn_implementation="eager")
+    ids = np.random.default_rng(0).integers(0, ours.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids)))
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights(straight_run):
+    run_dir, _ = straight_run
+    exported = load_pretrained_run(run_dir)
+    model = build_model(_config(run_dir + "-ft", f"train.init_from={os.path.join(run_dir, 'export')}"))
+    for x, y in zip(jax.tree.leaves(nnx.state(exported)), jax.tree.leaves(nnx.state(model)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resuming_into_a_different_architecture_names_the_tensors(straight_run):
+    run_dir, _ = straight_run
+    with pytest.raises(ValueError, match=r"does not match the model: .*attn/q_proj"):
+        run_training(_config(run_dir, "train.steps=8", "model.hidden_size=32"))
+
+
+def test_consecutive_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "diverge")
+    # An absurd learning rate sends the weights to inf after the first update; every later loss is NaN.
+    cfg = _config(run_dir, "train.steps=20", "train.save_every=1", "optimizer.lr=1e30", "optimizer.clip_norm=null",
+                  "optimizer.warmup_steps=0", "train.max_consecutive_bad_steps=3")
+    with pytest.raises(BadStepsError, match="3 consecutive steps with a non-finite loss"):
+        run_training(cfg)
+    records = read_metrics(run_dir)
+    assert [r["skipped"] for r in records][-3:] == [1, 1, 1]
+    good = max(r["step"] for r in records if r["skipped"] == 0)
+    with Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=1, keep=10) as ckpt:
+        assert ckpt.latest_step() >= good  # skipped steps leave the state as it was: still the good one
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    run_dir = str(tmp_path / "sig")
+    cmd = [sys.executable, "-m", "train.cli", "--config", "configs/tiny.yaml", *sum((["--set", s] for s in SMALL), []),
+           "--set", f"train.run_dir={run_dir}", "--set", "train.steps=5000", "--set", "optimizer.total_steps=5000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped early by a signal" in out
+    with Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=1, keep=10) as ckpt:
+        step = ckpt.latest_step()
+    assert step is not None and 1 <= step < 5000
+
+
+def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    assert train_main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert train_main(["--config", "configs/tiny.yaml", "--set", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key 'train.stepz'; closest valid keys: train.steps" in err
+    assert train_main(["--config", "configs/tiny.yaml", "--set", "model.kv_heads=3"]) == 2
+    assert "query_heads (4) must be divisible by kv_heads (3)" in capsys.readouterr().err
+    assert export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not a zaya-train run directory" in capsys.readouterr().err
