@@ -40,8 +40,12 @@ def train_main(argv: list[str] | None = None) -> int:
     except BadStepsError as e:
         return _fail("zaya-train", e)
     print(f"run directory: {summary.run_dir}")
-    print(f"steps: {summary.steps}  first loss: {summary.first_loss:.4f}  last loss: {summary.last_loss:.4f}  "
-          f"skipped steps: {summary.skipped_steps}")
+    if summary.first_loss is None:
+        print(f"the run was already complete at step {summary.steps}: nothing trained (raise train.steps to "
+              "continue it, or set train.run_dir for a new run)")
+    else:
+        print(f"steps: {summary.steps}  first loss: {summary.first_loss:.4f}  last loss: {summary.last_loss:.4f}  "
+              f"skipped steps: {summary.skipped_steps}")
     print(f"data: {summary.data_counters}")
     if summary.heldout_accuracy is not None:
         print(f"held-out answer accuracy: {summary.heldout_accuracy:.3f} ({cfg.data.eval_samples} problems)")

@@ -138,3 +138,21 @@ def test_balancer_lifts_a_collapsed_router_to_uniform_load(enabled):
         assert (entropies[-50:].mean(axis=0) > 0.7).all(), entropies[-50:].mean(axis=0)
     else:
         assert entropies.max() < 0.6, entropies.max(axis=0)
+
+
+def test_bf16_compute_with_fp32_master_weights_and_muon():
+    """Muon + AdamW groups on the real parameter tree, bfloat16 compute, float32 master weights."""
+    bf16 = TINY.replace(dtype="bfloat16")
+    model = init_model(bf16, seed=0)
+    params = nnx.state(model, nnx.Param)
+    optimizer = make_optimizer(OptimizerConfig(name="muon", lr=1e-3, warmup_steps=0, total_steps=10), params)
+    graphdef, state = init_train_state(model, optimizer, seed=0)
+    step = jax.jit(make_train_step(graphdef, optimizer, BalancerConfig(), bf16.router_classes))
+    batch = _batch()
+    new_state, metrics = step(state, batch)
+    _, _, fp32_step = _setup()
+    _, fp32_metrics = fp32_step(_setup()[1], batch)  # same seed-0 weights, float32 compute
+    np.testing.assert_allclose(float(metrics["loss"]), float(fp32_metrics["loss"]), rtol=2e-2)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_state.params))
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params))]
+    assert min(moved) > 0

@@ -1,0 +1,128 @@
+"""Sharded training on 8 CPU devices equals the single-device run; parameters are created already sharded."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sharding import (MeshConfig, ShardingRuleError, batch_sharding, describe, init_sharded_model, make_mesh,
+                      partition_spec, train_state_shardings)
+from train.balancer import BalancerConfig
+from train.config import load_train_config
+from train.data import ByteTokenizer, make_dataset
+from train.data.sources import SyntheticSource
+from train.optim import OptimizerConfig, make_optimizer
+from train.step import init_train_state, make_train_step, token_losses
+from zaya_jax import init_model
+
+# The tiny preset with 8 experts, so that expert=8 holds one expert per device.
+CONFIG = load_train_config("configs/tiny.yaml").model.replace(num_experts=8)
+MESHES = {
+    "data8": MeshConfig(data=8),
+    "data2_expert4": MeshConfig(data=2, expert=4),
+    "fsdp2_expert4": MeshConfig(data=1, fsdp=2, expert=4),
+    "expert8": MeshConfig(data=1, expert=8),
+}
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    raw = next(iter(make_dataset(SyntheticSource(seed=3), ByteTokenizer(), 64, 8, seed=3, num_threads=0)))
+    return {k: jnp.asarray(raw[k]) for k in ("tokens", "segment_ids", "positions", "targets", "target_mask")}
+
+
+def _step_parts(model):
+    params = nnx.state(model, nnx.Param)
+    optimizer = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0, total_steps=10), params)
+    graphdef, state = init_train_state(model, optimizer, seed=0)
+    step = make_train_step(graphdef, optimizer, BalancerConfig(lr=1e-2), CONFIG.router_classes)
+    return graphdef, state, step
+
+
+def _loss(graphdef, params, biases, batch):
+    nll, _, _ = token_losses(graphdef, params, biases, batch)
+    return jnp.sum(nll * batch["target_mask"]) / jnp.sum(batch["target_mask"])
+
+
+@pytest.fixture(scope="module")
+def reference(batch):
+    """Loss, gradients and one full training step on a single device."""
+    graphdef, state, step = _step_parts(init_model(CONFIG, seed=0))
+    loss, grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(
+        graphdef, state.params, state.biases, batch)
+    new_state, metrics = jax.jit(step)(state, batch)
+    return jax.device_get((loss, grads, new_state, metrics))
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_sharded_training_matches_single_device(mesh_name, batch, reference):
+    mesh = make_mesh(MESHES[mesh_name])
+    model = init_sharded_model(CONFIG, mesh, seed=0)
+    graphdef, state, step = _step_parts(model)
+    shardings = train_state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    sharded_batch = jax.device_put(batch, batch_sharding(mesh))
+
+    loss, grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(
+        graphdef, state.params, state.biases, sharded_batch)
+    new_state, metrics = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                                 out_shardings=(shardings, None))(state, sharded_batch)
+    ref_loss, ref_grads, ref_state, ref_metrics = reference
+
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # The balancer sees the global batch: its counts (as loads) and updated biases match exactly.
+    np.testing.assert_allclose(np.asarray(metrics["expert_load"]), np.asarray(ref_metrics["expert_load"]))
+    for got, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(ref_state), strict=True):
+        got, want = np.asarray(got), np.asarray(want)
+        if got.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_parameters_are_created_sharded_and_golden(mesh_name):
+    mesh = make_mesh(MESHES[mesh_name])
+    model = init_sharded_model(CONFIG, mesh, seed=0)
+    state = nnx.state(model)
+    reference = nnx.state(init_model(CONFIG, seed=0))
+    total = per_device = 0
+    for (path, leaf), ref in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(reference)):
+        spec = leaf.sharding.spec
+        ways = int(np.prod([mesh.shape[a] for entry in spec if entry for a in
+                            ((entry,) if isinstance(entry, str) else entry)]))
+        shard_bytes = leaf.addressable_shards[0].data.nbytes
+        assert shard_bytes * ways == leaf.nbytes, (path, spec)  # each device holds exactly 1/ways of it
+        total += leaf.nbytes
+        per_device += shard_bytes
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))  # same values as the unsharded init
+    assert per_device < total or mesh_name == "data8"
+    text = describe(state, mesh)
+    path = os.path.join(GOLDEN, f"param_shardings_{mesh_name}.txt")
+    if os.environ.get("UPDATE_GOLDEN"):
+        with open(path, "w") as f:
+            f.write(text)
+    with open(path) as f:
+        assert f.read() == text, f"sharding of the parameters changed; review and rerun with UPDATE_GOLDEN=1"
+
+
+def test_rules_reject_collisions_and_indivisible_axes():
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=4))
+    with pytest.raises(ShardingRuleError, match="not divisible by mesh axes \\('expert',\\)"):
+        partition_spec("layers/moe/experts/down", (2, 6, 8, 8), mesh)
+    colliding = {**__import__("sharding").RULES, "expert_mlp": "expert"}
+    with pytest.raises(ShardingRuleError, match="mesh axis 'expert' used twice"):
+        partition_spec("layers/moe/experts/down", (2, 8, 8, 8), mesh, colliding)
+    with pytest.raises(ShardingRuleError, match="no logical axes"):
+        partition_spec("layers/attn/new_thing", (2, 8), mesh)
+    with pytest.raises(ValueError, match="multiply to 6, but there are 8 devices"):
+        make_mesh(MeshConfig(data=3, expert=2))
