@@ -2,13 +2,14 @@
 
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.placement import init_sharded_model, train_state_shardings
-from sharding.rules import PARAM_AXES, RULES, ShardingRuleError, batch_sharding, describe, partition_spec
+from sharding.rules import PARAM_AXES, RULES, ShardingRuleError, batch_shards, batch_sharding, describe, partition_spec
 
 __all__ = [
     "MeshConfig",
     "PARAM_AXES",
     "RULES",
     "ShardingRuleError",
+    "batch_shards",
     "batch_sharding",
     "describe",
     "init_sharded_model",

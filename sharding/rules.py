@@ -146,6 +146,12 @@ def batch_sharding(mesh: Mesh, rules: dict[str, Any] | None = None) -> NamedShar
     return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
+def batch_shards(mesh: Mesh, rules: dict[str, Any] | None = None) -> int:
+    """How many ways the batch dimension is split (the product of the "batch" rule's mesh axes)."""
+    rules = RULES if rules is None else rules
+    return math.prod(mesh.shape.get(a, 1) for a in rules["batch"])
+
+
 def describe(state: Any, mesh: Mesh, rules: dict[str, Any] | None = None) -> str:
     """One line per parameter: path, shape, PartitionSpec (the golden file's format)."""
     lines = []

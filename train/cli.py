@@ -12,6 +12,9 @@ import argparse
 import os
 import sys
 
+import jax
+
+from sharding.multihost import WATCHDOG_EXIT_CODE, detect_settings, initialize
 from train.config import TrainConfig, load_train_config
 
 
@@ -25,11 +28,22 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML preset with model/optimizer/balancer/data/train sections")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set train.steps=100")
+    parser.add_argument("--coordinator", help="multi-host: coordinator host:port (or ZAYA_COORDINATOR, or SLURM)")
+    parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    parser.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for all processes to join")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
+        settings = detect_settings(args.coordinator, args.num_processes, args.process_id)
     except (ValueError, FileNotFoundError, TypeError) as e:
         return _fail("zaya-train", e)
+    try:
+        # The coordinator's heartbeat aborts a process without a word; give the step watchdog the first say.
+        heartbeat = int(max(100, 2 * cfg.train.step_timeout_s))
+        initialize(settings, init_timeout_s=args.init_timeout, heartbeat_timeout_s=heartbeat)
+    except Exception as e:  # noqa: BLE001 - jax raises several types; the user needs the one line either way
+        return _fail("zaya-train", f"could not join the multi-host run ({settings}): {e}")
 
     from train.loop import BadStepsError, run_training
 
@@ -37,6 +51,14 @@ def train_main(argv: list[str] | None = None) -> int:
         summary = run_training(cfg)
     except (ValueError, FileNotFoundError) as e:
         return _fail("zaya-train", e)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first_line = str(e).strip().splitlines()[0]
+        print(f"zaya-train: error: a collective failed on process {jax.process_index()} of {jax.process_count()}: "
+              f"a peer process died or a device stalled ({first_line})", file=sys.stderr, flush=True)
+        # Skip the distributed runtime's exit barrier, which would wait for the dead peer.
+        os._exit(WATCHDOG_EXIT_CODE)
     except BadStepsError as e:
         return _fail("zaya-train", e)
     print(f"run directory: {summary.run_dir}")

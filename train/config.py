@@ -1,6 +1,7 @@
 """The training run's configuration: one YAML file with a section per concern, plus `--set a.b=value` overrides.
 
     model:      ZayaConfig fields (zaya_jax/config.py)
+    mesh:       MeshConfig fields (sharding/mesh.py): data, fsdp, expert, tensor axis sizes (-1 = the rest)
     optimizer:  OptimizerConfig fields (train/optim.py)
     balancer:   BalancerConfig fields (train/balancer.py)
     data:       DataConfig fields (below)
@@ -17,6 +18,7 @@ import difflib
 import os
 from typing import Any
 
+from sharding.mesh import MeshConfig
 from train.balancer import BalancerConfig
 from train.optim import OptimizerConfig
 from zaya_jax.config import ZayaConfig, load_yaml
@@ -31,6 +33,7 @@ class DataConfig:
     trim: bool = True  # answer-preserving trimming of samples longer than seq_len
     on_error: str = "raise"  # malformed records: "raise" or "skip" (counted)
     pack_buffer_size: int = 256
+    read_shards: int = 0  # independent reader pipelines making up the global batch; 0 = one per process
     eval_source: str = "synthetic:heldout"
     eval_samples: int = 64
     eval_max_new_tokens: int = 96
@@ -40,6 +43,8 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.read_shards < 0:
+            raise ValueError(f"data.read_shards must be >= 0, got {self.read_shards}")
         for name in ("pack_buffer_size", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
@@ -62,6 +67,8 @@ class RunConfig:
     max_consecutive_bad_steps: int = 5  # non-finite loss: skip the step; stop after this many in a row
     init_from: str = ""  # a transformers-format directory to fine-tune from (load_pretrained)
     resume: bool = True  # continue from the run directory's latest checkpoint when there is one
+    step_timeout_s: float = 600.0  # watchdog: exit (status 3) when no step completes for this long; 0 = off
+    first_step_timeout_s: float = 3600.0  # the same for the first step, which includes compilation
     peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate; 0 = look up the device kind
 
     def __post_init__(self) -> None:
@@ -74,12 +81,15 @@ class RunConfig:
                 f"train.batch_size ({self.batch_size}) must be divisible by train.accumulation_steps "
                 f"({self.accumulation_steps})"
             )
+        if self.step_timeout_s < 0:
+            raise ValueError(f"train.step_timeout_s must be >= 0, got {self.step_timeout_s}")
         if self.z_loss < 0:
             raise ValueError(f"train.z_loss must be >= 0, got {self.z_loss}")
 
 
 SECTIONS: dict[str, type] = {
     "model": ZayaConfig,
+    "mesh": MeshConfig,
     "optimizer": OptimizerConfig,
     "balancer": BalancerConfig,
     "data": DataConfig,
@@ -90,6 +100,7 @@ SECTIONS: dict[str, type] = {
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ZayaConfig
+    mesh: MeshConfig
     optimizer: OptimizerConfig
     balancer: BalancerConfig
     data: DataConfig

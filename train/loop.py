@@ -28,10 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from jax.sharding import Mesh
 
+from sharding import batch_shards, batch_sharding, init_sharded_model, make_mesh, train_state_shardings
+from sharding.multihost import StepWatchdog, allgather_json
+from sharding.rules import state_shardings
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import load_tokenizer, make_dataset, open_source, pipeline_counters
+from train.data.hosts import HostBatches
 from train.data.synthetic import answer_accuracy
 from train.evaluate import greedy_completions, make_greedy_decoder
 from train.metrics import MetricsWriter, ProgressBar
@@ -39,8 +44,9 @@ from train.optim import make_optimizer, make_schedule
 from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_loss_curve, plot_routing_entropy
 from train.step import TrainState, init_train_state, make_train_step
 from zaya_jax.hf_io import load_pretrained
-from zaya_jax.model import init_model, parameter_counts
+from zaya_jax.model import parameter_counts
 
+BATCH_KEYS = ("tokens", "segment_ids", "positions", "targets", "target_mask")
 # Dense bf16 peak FLOP/s per device, for the MFU estimate when train.peak_flops is 0.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5": 459e12, "TPU v6 lite": 918e12}
@@ -112,33 +118,52 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def build_model(cfg: TrainConfig) -> nnx.Module:
-    if cfg.train.init_from:
-        model = load_pretrained(cfg.train.init_from, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                                remat_policy=cfg.model.remat_policy, moe_impl=cfg.model.moe_impl)
-        if dataclasses.replace(model.config, param_dtype=cfg.model.param_dtype) != dataclasses.replace(
-            cfg.model, param_dtype=cfg.model.param_dtype
-        ):
-            raise ValueError(
-                f"train.init_from {cfg.train.init_from}: its config differs from the run's model section; "
-                "set the model section to the checkpoint's architecture"
-            )
-        return model
-    return init_model(cfg.model, seed=cfg.train.seed)
+def build_model(cfg: TrainConfig, mesh: Mesh) -> nnx.Module:
+    """The model with its parameters placed on `mesh` by sharding/rules.py: freshly initialised (born sharded),
+    or loaded from `train.init_from` (a transformers-format directory) for fine-tuning."""
+    if not cfg.train.init_from:
+        return init_sharded_model(cfg.model, mesh, seed=cfg.train.seed)
+    model = load_pretrained(cfg.train.init_from, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                            remat_policy=cfg.model.remat_policy, moe_impl=cfg.model.moe_impl)
+    if model.config != cfg.model:
+        raise ValueError(
+            f"train.init_from {cfg.train.init_from}: its config differs from the run's model section; "
+            "set the model section to the checkpoint's architecture"
+        )
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
 
 
-def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Any]:
-    """-> (graphdef, initial TrainState, the jitted step, the optimizer)."""
-    model = build_model(cfg)
+def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Mesh]:
+    """-> (graphdef, initial TrainState placed on the mesh, the jitted step, the mesh)."""
+    mesh = make_mesh(cfg.mesh)
+    shards = batch_shards(mesh) * cfg.train.accumulation_steps
+    if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
+        raise ValueError(
+            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the batch shards of the mesh "
+            f"({batch_shards(mesh)}) x train.accumulation_steps ({cfg.train.accumulation_steps}) and by the "
+            f"process count ({jax.process_count()})"
+        )
+    model = build_model(cfg, mesh)
     params = nnx.state(model, nnx.Param)
     optimizer = make_optimizer(cfg.optimizer, params)
     graphdef, state = init_train_state(model, optimizer, cfg.train.seed)
+    shardings = train_state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
     step_fn = make_train_step(
         graphdef, optimizer, cfg.balancer, cfg.model.router_classes,
         accumulation_steps=cfg.train.accumulation_steps, z_loss=cfg.train.z_loss,
         learning_rate=make_schedule(cfg.optimizer),
     )
-    return graphdef, state, jax.jit(step_fn, donate_argnums=0), optimizer
+    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                   donate_argnums=0)
+    return graphdef, state, step, mesh
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of the batch -> global arrays sharded over the batch axes of the mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in BATCH_KEYS}
 
 
 def abstract_like(state: Any) -> Any:
@@ -151,25 +176,32 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     start_time = time.perf_counter()
     run = cfg.train
     os.makedirs(run.run_dir, exist_ok=True)
-    with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    primary = jax.process_index() == 0  # one process writes the run's files; every process checkpoints (orbax)
+    if primary:
+        with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     tokenizer = load_tokenizer(None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
         )
-    graphdef, state, step_fn, _ = setup(cfg)
+    graphdef, state, step_fn, mesh = setup(cfg)
 
     source = open_source(cfg.data.source, on_error=cfg.data.on_error, eos_id=tokenizer.eos_id, seed=run.seed)
     if len(source) == 0:
         raise ValueError(f"data.source {cfg.data.source!r} is empty")
-    dataset = make_dataset(
-        source, tokenizer, cfg.data.seq_len, run.batch_size, seed=run.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-        completion_only=cfg.data.completion_only, trim=cfg.data.trim, pack_buffer_size=cfg.data.pack_buffer_size,
-    )
-    data_iter = iter(dataset)
+    read_shards = cfg.data.read_shards or jax.process_count()
+
+    def make_iterator(shard_index: int, shard_count: int, rows: int):
+        return iter(make_dataset(
+            source, tokenizer, cfg.data.seq_len, rows, seed=run.seed, shard_index=shard_index,
+            shard_count=shard_count, completion_only=cfg.data.completion_only, trim=cfg.data.trim,
+            pack_buffer_size=cfg.data.pack_buffer_size,
+        ))
+
+    data_iter = HostBatches(make_iterator, batch_size=run.batch_size, read_shards=read_shards,
+                            process_index=jax.process_index(), process_count=jax.process_count())
 
     checkpointer = Checkpointer(
         os.path.join(run.run_dir, "checkpoints"), save_every=run.save_every, keep=run.keep_checkpoints,
@@ -188,8 +220,10 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
 
     previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    writer = MetricsWriter(run.run_dir)
-    progress = ProgressBar(run.steps, **({"stream": stream} if stream is not None else {}))
+    watchdog = (StepWatchdog(run.step_timeout_s, first_step_timeout_s=run.first_step_timeout_s).start()
+                if run.step_timeout_s > 0 else None)
+    writer = MetricsWriter(run.run_dir) if primary else None
+    progress = ProgressBar(run.steps, **({"stream": stream} if stream is not None else {})) if primary else None
     tokens_per_step = run.batch_size * cfg.data.seq_len
     model_flops = flops_per_token(cfg) * tokens_per_step
     peak = peak_flops(cfg)
@@ -203,11 +237,13 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     try:
         while step < run.steps:
             batch = next(data_iter)
-            batch = {k: jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions", "targets",
-                                                        "target_mask")}
+            batch = global_batch(batch, mesh)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
+            with jax.set_mesh(mesh):  # expert parallelism reads the mesh while tracing the step
+                state, metrics = step_fn(state, batch)
             skipped = int(metrics["skipped"])  # one scalar sync per step: bad steps are counted exactly
+            if watchdog is not None:
+                watchdog.beat(step + 1)
             step_times.append(time.perf_counter() - t0)
             step += 1
             skipped_total += skipped
@@ -222,8 +258,9 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
                 mfu = model_flops / recent / peak if peak else None
                 record = {k: v for k, v in host.items()}
                 record.update(tokens_per_s=tokens_per_s, mfu=mfu)
-                writer.write(step, record)
-                progress.update(step, loss, tokens_per_s, mfu)
+                if primary:
+                    writer.write(step, record)
+                    progress.update(step, loss, tokens_per_s, mfu)
                 history["step"].append(step)
                 history["loss"].append(loss)
                 history["expert_load"].append(np.asarray(host["expert_load"]))
@@ -236,32 +273,53 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
                     f"stopping with the last good checkpoint (step {checkpointer.latest_step()}) intact"
                 )
             if checkpointer.should_save(step):
-                checkpointer.save(step, to_nested_dict(state), data_iter.get_state())
+                checkpointer.save(step, to_nested_dict(state), all_data_states(data_iter))
             if stop_requested["signal"] is not None or (stop_after is not None and step - start_step >= stop_after):
                 interrupted = step < run.steps
                 break
-        checkpointer.save(step, to_nested_dict(state), data_iter.get_state(), force=True)
+        checkpointer.save(step, to_nested_dict(state), all_data_states(data_iter), force=True)
         checkpointer.wait()
     finally:
-        progress.close()
-        writer.close()
+        if watchdog is not None:
+            watchdog.stop()
+        if primary:
+            progress.close()
+            writer.close()
         checkpointer.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
     accuracy = None
-    if not interrupted and cfg.data.eval_samples > 0:
+    # Decoding gathers outputs on the host: single-process runs only (multi-host runs evaluate after export).
+    if not interrupted and cfg.data.eval_samples > 0 and jax.process_count() == 1:
         accuracy = heldout_accuracy(cfg, graphdef, state, tokenizer)
     summary = RunSummary(
         run_dir=run.run_dir, steps=step, first_loss=first_loss, last_loss=last_loss, heldout_accuracy=accuracy,
         wall_time_s=time.perf_counter() - start_time, interrupted=interrupted,
-        data_counters=pipeline_counters(data_iter), skipped_steps=skipped_total,
+        data_counters=data_counters(data_iter), skipped_steps=skipped_total,
     )
-    with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
-        json.dump(dataclasses.asdict(summary), f, indent=2)
-    if history["step"]:
+    if primary:
+        with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
+            json.dump(dataclasses.asdict(summary), f, indent=2)
+    if primary and history["step"]:
         write_plots(run.run_dir, history, accuracy)
     return summary
+
+
+def all_data_states(data_iter: HostBatches) -> dict[str, Any]:
+    """Every process's shard states merged (the checkpoint stores them all, so any process count can resume)."""
+    merged: dict[str, Any] = {}
+    for states in allgather_json(data_iter.get_state()):
+        merged.update(states)
+    return merged
+
+
+def data_counters(data_iter: HostBatches) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for it in data_iter.iterators.values():
+        for key, value in pipeline_counters(it).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def heldout_accuracy(cfg: TrainConfig, graphdef: nnx.GraphDef, state: TrainState, tokenizer) -> float:

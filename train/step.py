@@ -46,15 +46,15 @@ class TrainState(NamedTuple):
 def token_losses(
     graphdef: nnx.GraphDef, params: Any, biases: Any, batch: Batch
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """-> (nll [B, S] float32, logsumexp [B, S] float32, expert choices [L, B, S] int32)."""
+    """-> (nll [B, S] float32, logsumexp [B, S] float32, Routing: choices [L, B, S], dropped tokens [L])."""
     model = nnx.merge(graphdef, params, biases)
-    hidden, choices = model.hidden_states(
+    hidden, routing = model.hidden_states(
         batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
     )
     logits = model.logits(hidden)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z, choices
+    return log_z - target_logit, log_z, routing
 
 
 def make_train_step(
@@ -70,13 +70,13 @@ def make_train_step(
     """Builds the pure step function; jit it (with `donate_argnums=0` to reuse the state's buffers)."""
 
     def summed_loss(params, biases, micro):
-        nll, log_z, choices = token_losses(graphdef, params, biases, micro)
+        nll, log_z, routing = token_losses(graphdef, params, biases, micro)
         mask = micro["target_mask"]
         nll_sum = jnp.sum(nll * mask)
         z_sum = jnp.sum(jnp.square(log_z) * mask)
         # Padding (segment 0) is not routed work the balancer should count.
-        counts = expert_counts(choices, num_router_classes, micro["segment_ids"] > 0)
-        return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask), counts)
+        counts = expert_counts(routing.choices, num_router_classes, micro["segment_ids"] > 0)
+        return nll_sum + z_loss * z_sum, (nll_sum, z_sum, jnp.sum(mask), counts, routing.dropped_tokens)
 
     grad_fn = jax.grad(summed_loss, has_aux=True)
 
@@ -86,14 +86,15 @@ def make_train_step(
         )
 
         def accumulate(carry, micro):
-            grads, nll_sum, z_sum, count, counts = carry
-            g, (n, z, c, k) = grad_fn(state.params, state.biases, micro)
-            return (jax.tree.map(jnp.add, grads, g), nll_sum + n, z_sum + z, count + c, counts + k), None
+            grads, nll_sum, z_sum, count, counts, dropped = carry
+            g, (n, z, c, k, d) = grad_fn(state.params, state.biases, micro)
+            return (jax.tree.map(jnp.add, grads, g), nll_sum + n, z_sum + z, count + c, counts + k, dropped + d), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         num_layers = jax.tree.leaves(state.biases)[0].shape[0]
-        init = (zeros, 0.0, 0.0, 0.0, jnp.zeros((num_layers, num_router_classes), jnp.float32))
-        (grads, nll_sum, z_sum, count, counts), _ = jax.lax.scan(accumulate, init, micro_batches)
+        init = (zeros, 0.0, 0.0, 0.0, jnp.zeros((num_layers, num_router_classes), jnp.float32),
+                jnp.zeros((num_layers,), jnp.int32))
+        (grads, nll_sum, z_sum, count, counts, dropped), _ = jax.lax.scan(accumulate, init, micro_batches)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll_sum / denom
@@ -122,6 +123,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "target_tokens": count,
             "skipped": (~finite).astype(jnp.int32),
+            "dropped_tokens": dropped,  # [L] tokens over an expert capacity (zero when dropless)
             "expert_load": counts[:, :-1] / jnp.maximum(totals, 1.0),  # [L, E]
             "balancing_bias": keep(new_bias, bias_leaves[0])[:, :-1],  # [L, E]
             **bal_metrics,

@@ -19,7 +19,8 @@ import yaml
 DTypeName = Literal["float32", "bfloat16"]
 _DTYPES = ("float32", "bfloat16")
 _ATTENTION_IMPLS = ("xla",)
-_MOE_IMPLS = ("sorted", "dense")
+_MOE_IMPLS = ("sorted", "dense", "expert_parallel")
+_EP_TRANSPORTS = ("all_to_all", "all_gather", "ragged_all_to_all")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -55,7 +56,11 @@ class ZayaConfig:
     param_dtype: DTypeName = "float32"
     dtype: DTypeName = "float32"  # compute dtype; the residual stream, softmaxes and logits stay float32
     attention_impl: str = "xla"
-    moe_impl: str = "sorted"  # "sorted": tokens sorted by expert + grouped matmul; "dense": every expert (reference)
+    # "sorted": tokens sorted by expert + grouped matmul; "dense": every expert (the reference);
+    # "expert_parallel": experts split over the mesh's expert axis, tokens moved by `expert_parallel_transport`.
+    moe_impl: str = "sorted"
+    expert_parallel_transport: str = "all_to_all"  # "all_to_all" | "all_gather" | "ragged_all_to_all"
+    expert_capacity_factor: float | None = None  # all_to_all only; None = dropless, else dropped tokens are counted
     remat_policy: str = "none"
 
     def __post_init__(self) -> None:
@@ -111,6 +116,12 @@ class ZayaConfig:
         _check_choice("attention_impl", self.attention_impl, _ATTENTION_IMPLS)
         _check_choice("moe_impl", self.moe_impl, _MOE_IMPLS)
         _check_choice("remat_policy", self.remat_policy, _REMAT_POLICIES)
+        _check_choice("expert_parallel_transport", self.expert_parallel_transport, _EP_TRANSPORTS)
+        if self.expert_capacity_factor is not None:
+            if self.expert_capacity_factor <= 0:
+                raise ValueError(f"ZayaConfig.expert_capacity_factor must be > 0 or null, got {self.expert_capacity_factor}")
+            if self.expert_parallel_transport != "all_to_all":
+                raise ValueError("ZayaConfig.expert_capacity_factor applies to expert_parallel_transport all_to_all only")
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -334,6 +345,8 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         ok = isinstance(value, bool)
     elif annotation == "int | None":
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    elif annotation == "float | None":
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
     elif annotation.startswith("int | tuple"):
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool)) or (
             isinstance(value, tuple) and all(isinstance(v, int) for v in value)

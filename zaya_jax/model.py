@@ -50,17 +50,23 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, residual: jax.Array, router_state: jax.Array, segment_ids: jax.Array, positions: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """residual [B, S, H] f32, router_state [B, S, R] -> (residual, router_state, choice [B, S])."""
+        """residual [B, S, H] f32, router_state [B, S, R] -> (residual, router_state, (choice [B, S], dropped []))."""
         dtype = compute_dtype(self.config)
         h = self.attn(self.input_norm(residual.astype(dtype)), segment_ids, positions)
         residual = self.post_attn_scale(h, residual)
-        h, router_state, choice = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
-        return self.post_moe_scale(h, residual), router_state, choice
+        h, router_state, choice, dropped = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
+        return self.post_moe_scale(h, residual), router_state, (choice, dropped)
+
+
+class Routing(NamedTuple):
+    choices: jax.Array  # [L, B, S] int32, 0..E (E = skip class)
+    dropped_tokens: jax.Array  # [L] int32: tokens over an expert capacity (always 0 when dropless)
 
 
 class ForwardOutput(NamedTuple):
     logits: jax.Array  # [B, S, V] float32
     choices: jax.Array  # [L, B, S] int32, 0..E (E = skip class)
+    dropped_tokens: jax.Array  # [L] int32
 
 
 class ZayaForCausalLM(nnx.Module):
@@ -93,9 +99,9 @@ class ZayaForCausalLM(nnx.Module):
         attention_mask [B, S] (1 = token, 0 = padding) is transformers' convention; segment_ids [B, S] (equal ids
         = same document) is the packed-data one. Give one or the other.
         """
-        hidden, choices = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+        hidden, routing = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
         logits = self.logits(hidden)
-        return ForwardOutput(logits, choices) if return_choices else logits
+        return ForwardOutput(logits, *routing) if return_choices else logits
 
     def hidden_states(
         self,
@@ -104,8 +110,8 @@ class ZayaForCausalLM(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """input_ids [B, S] -> (final-normed hidden [B, S, H] in the compute dtype, choices [L, B, S])."""
+    ) -> tuple[jax.Array, Routing]:
+        """input_ids [B, S] -> (final-normed hidden [B, S, H] in the compute dtype, Routing of every layer)."""
         cfg = self.config
         dtype = compute_dtype(cfg)
         input_ids = jnp.asarray(input_ids)
@@ -128,14 +134,14 @@ class ZayaForCausalLM(nnx.Module):
         def body(carry, state):
             residual, router_state = carry
             layer = nnx.merge(graphdef, state)
-            residual, router_state, choice = layer(residual, router_state, segment_ids, positions)
-            return (residual, router_state), choice
+            residual, router_state, routing = layer(residual, router_state, segment_ids, positions)
+            return (residual, router_state), routing
 
         if cfg.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         router_state = jnp.zeros((*input_ids.shape, cfg.router_hidden_size), dtype)
-        (residual, _), choices = jax.lax.scan(body, (residual, router_state), layer_state)
-        return self.final_norm(residual.astype(dtype)), choices
+        (residual, _), (choices, dropped) = jax.lax.scan(body, (residual, router_state), layer_state)
+        return self.final_norm(residual.astype(dtype)), Routing(choices, dropped)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., H] -> logits [..., V] float32 (tied: against the embedding)."""

@@ -61,7 +61,8 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Router + experts: x [B, S, H] (normed), router_state [B, S, R] -> (y [B, S, H], new state, choice [B, S])."""
+    """Router + experts: x [B, S, H] (normed), router_state [B, S, R] ->
+    (y [B, S, H], new router state, choice [B, S], dropped tokens (int32 scalar; nonzero only with a capacity))."""
 
     def __init__(self, config: ZayaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -70,17 +71,35 @@ class MoE(nnx.Module):
 
     def __call__(
         self, x: jax.Array, router_state: jax.Array
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         cfg = self.config
         dtype = compute_dtype(cfg)
         _, choice, weight, router_state = self.router(x, router_state)
         b, s, h = x.shape
-        expert = jnp.where(choice == cfg.num_experts, 0, choice).reshape(-1)
-        y = EXPERT_IMPLS[cfg.moe_impl](
+        args = (
             x.astype(dtype).reshape(b * s, h),
-            expert,
+            jnp.where(choice == cfg.num_experts, 0, choice).reshape(-1),
             weight.reshape(-1),
             self.experts.gate_up[...].astype(dtype),
             self.experts.down[...].astype(dtype),
         )
-        return y.reshape(b, s, h), router_state, choice
+        if cfg.moe_impl == "expert_parallel":
+            y, dropped = _expert_parallel(cfg, *args)
+        else:
+            y, dropped = EXPERT_IMPLS[cfg.moe_impl](*args), jnp.zeros((), jnp.int32)
+        return y.reshape(b, s, h), router_state, choice, dropped
+
+
+def _expert_parallel(cfg: ZayaConfig, *args: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Imported here: sharding/ builds on this package (placement imports the model), not the other way round.
+    from sharding.expert_parallel import expert_parallel_ffn
+    from sharding.rules import RULES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "expert" not in mesh.axis_names:
+        raise ValueError("moe_impl 'expert_parallel' needs a mesh with an 'expert' axis: call the model under "
+                         "jax.set_mesh(mesh) (zaya-train does)")
+    return expert_parallel_ffn(
+        *args, mesh=mesh, expert_axis="expert", token_axes=tuple(RULES["batch"]),
+        transport=cfg.expert_parallel_transport, capacity_factor=cfg.expert_capacity_factor,
+    )

@@ -61,19 +61,30 @@ def reference(batch):
     return jax.device_get((loss, grads, new_state, metrics))
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_sharded_training_matches_single_device(mesh_name, batch, reference):
+CASES = [(name, "sorted", None) for name in MESHES] + [
+    ("data2_expert4", "expert_parallel", "all_to_all"),
+    ("fsdp2_expert4", "expert_parallel", "all_gather"),
+    ("expert8", "expert_parallel", "all_to_all"),
+]
+
+
+@pytest.mark.parametrize("mesh_name, moe_impl, transport", CASES)
+def test_sharded_training_matches_single_device(mesh_name, moe_impl, transport, batch, reference):
+    """GSPMD-partitioned experts ("sorted") and shard_map expert parallelism with each CPU transport."""
     mesh = make_mesh(MESHES[mesh_name])
-    model = init_sharded_model(CONFIG, mesh, seed=0)
+    config = CONFIG.replace(moe_impl=moe_impl, expert_parallel_transport=transport or "all_to_all")
+    model = init_sharded_model(config, mesh, seed=0)
     graphdef, state, step = _step_parts(model)
     shardings = train_state_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     sharded_batch = jax.device_put(batch, batch_sharding(mesh))
 
-    loss, grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(
-        graphdef, state.params, state.biases, sharded_batch)
-    new_state, metrics = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                                 out_shardings=(shardings, None))(state, sharded_batch)
+    with jax.set_mesh(mesh):
+        loss, grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(
+            graphdef, state.params, state.biases, sharded_batch)
+        new_state, metrics = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                                     out_shardings=(shardings, None))(state, sharded_batch)
+    assert int(np.asarray(metrics["dropped_tokens"]).sum()) == 0  # dropless
     ref_loss, ref_grads, ref_state, ref_metrics = reference
 
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)

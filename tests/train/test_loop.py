@@ -16,6 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
+from sharding import make_mesh
 from train.checkpoint import Checkpointer
 from train.cli import export_main, train_main
 from train.config import load_train_config
@@ -23,7 +24,7 @@ from train.loop import BadStepsError, build_model, run_training
 from train.metrics import read_metrics
 from zaya_jax import load_pretrained
 
-SMALL = ["data.seq_len=64", "train.batch_size=4", "train.log_every=1", "data.eval_samples=0",
+SMALL = ["data.seq_len=64", "train.batch_size=8", "train.log_every=1", "data.eval_samples=0",
          "optimizer.warmup_steps=2", "optimizer.total_steps=6"]
 
 
@@ -84,7 +85,8 @@ def test_export_loads_in_transformers_with_the_same_logits(straight_run):
 def test_fine_tuning_starts_from_the_pretrained_weights(straight_run):
     run_dir, _ = straight_run
     exported = load_pretrained_run(run_dir)
-    model = build_model(_config(run_dir + "-ft", f"train.init_from={os.path.join(run_dir, 'export')}"))
+    cfg = _config(run_dir + "-ft", f"train.init_from={os.path.join(run_dir, 'export')}")
+    model = build_model(cfg, make_mesh(cfg.mesh))
     for x, y in zip(jax.tree.leaves(nnx.state(exported)), jax.tree.leaves(nnx.state(model)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from zaya_jax import BalancingBias, init_model, load_preset, parameter_counts
+from zaya_jax import BalancingBias, ZayaForCausalLM, init_model, load_preset, parameter_counts
 from zaya_jax.moe import experts_dense, experts_sorted
 
 
@@ -30,7 +30,7 @@ def test_zaya1_8b_parameter_counts_without_allocating():
 def test_layers_run_as_one_scan_so_the_program_does_not_grow_with_depth():
     def program_size(num_layers: int) -> int:
         config = load_preset("tiny").replace(num_layers=num_layers)
-        model = nnx.eval_shape(lambda: init_model(config))
+        model = nnx.eval_shape(lambda: ZayaForCausalLM(config, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         jaxpr = jax.make_jaxpr(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, jnp.zeros((1, 8), jnp.int32))
         return len(jaxpr.jaxpr.eqns)

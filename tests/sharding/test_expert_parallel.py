@@ -1,0 +1,190 @@
+"""Expert-parallel MoE FFN on 8 CPU devices equals the single-device dense reference, values and gradients.
+
+ragged_all_to_all has no CPU implementation: the real call must refuse clearly, and its offset/size bookkeeping
+is checked against an all_gather-based emulation of the collective that follows its documented semantics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import sharding.expert_parallel as ep
+from sharding.expert_parallel import expert_parallel_ffn
+from zaya_jax.moe import experts_dense
+
+T, H, I = 64, 16, 8
+TOKEN_AXES = ("data", "expert")
+MESHES = {"data2_expert4": (2, 4), "expert8": (1, 8), "data4_expert2": (4, 2)}
+NUM_EXPERTS = {"data2_expert4": 8, "expert8": 16, "data4_expert2": 8}  # expert8: two experts per shard
+
+
+def _mesh(name: str) -> jax.sharding.Mesh:
+    return jax.make_mesh(MESHES[name], TOKEN_AXES, axis_types=(AxisType.Auto,) * 2)
+
+
+def _inputs(num_experts: int, routing: str, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if routing == "uniform":
+        expert = rng.integers(0, num_experts, T)
+    else:  # skewed: ~3/4 of the tokens to expert 3, the rest anywhere
+        expert = np.where(rng.random(T) < 0.75, 3, rng.integers(0, num_experts, T))
+    weight = rng.uniform(0.1, 1.0, T) * (rng.random(T) > 0.2)  # ~20% zeros (skip class)
+    return {
+        "x": rng.normal(size=(T, H)).astype(np.float32),
+        "expert": expert.astype(np.int32),
+        "weight": weight.astype(np.float32),
+        "gate_up": (rng.normal(size=(num_experts, H, 2 * I)) / math.sqrt(H)).astype(np.float32),
+        "down": (rng.normal(size=(num_experts, I, H)) / math.sqrt(I)).astype(np.float32),
+    }
+
+
+def _value_and_grads(ffn):
+    """jit(value_and_grad) of sum(sin(y)) w.r.t. x, weight, gate_up, down; aux = (y, dropped)."""
+    def loss(x, weight, gate_up, down, expert):
+        y, dropped = ffn(x, expert, weight, gate_up, down)
+        return jnp.sum(jnp.sin(y)), (y, dropped)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+_dense = _value_and_grads(lambda x, e, w, gu, d: (experts_dense(x, e, w, gu, d), jnp.zeros((), jnp.int32)))
+
+
+def _reference(inp: dict[str, np.ndarray], weight: np.ndarray | None = None):
+    (_, (y, _)), grads = _dense(inp["x"], inp["weight"] if weight is None else weight, inp["gate_up"],
+                                inp["down"], inp["expert"])
+    return np.asarray(y), [np.asarray(g) for g in grads]
+
+
+def _run_sharded(mesh, inp: dict[str, np.ndarray], **kwargs):
+    tok, exp = NamedSharding(mesh, P(TOKEN_AXES)), NamedSharding(mesh, P("expert"))
+    args = [jax.device_put(inp[k], s) for k, s in
+            (("x", tok), ("weight", tok), ("gate_up", exp), ("down", exp), ("expert", tok))]
+    fn = _value_and_grads(lambda x, e, w, gu, d: expert_parallel_ffn(x, e, w, gu, d, mesh=mesh, **kwargs))
+    (_, (y, dropped)), grads = fn(*args)
+    return np.asarray(y), int(dropped), [np.asarray(g) for g in grads]
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name, axis_index_groups=None):
+    """jax.lax.ragged_all_to_all per its docstring (one slice per peer), built from all_gather; CPU-capable.
+
+    A receiver whose recv_sizes disagree with what the senders send gets NaNs, so inconsistent bookkeeping
+    fails the comparison instead of passing by accident.
+    """
+    assert axis_index_groups is None
+    me = jax.lax.axis_index(axis_name)
+    ops = jax.lax.all_gather(operand, axis_name)          # [n, N, ...]
+    in_off = jax.lax.all_gather(input_offsets, axis_name)  # [n, n]: [s, d] = s's slice for d starts here
+    sizes = jax.lax.all_gather(send_sizes, axis_name)
+    out_off = jax.lax.all_gather(output_offsets, axis_name)
+    rows = jnp.arange(output.shape[0])
+    result = output
+    for s in range(ops.shape[0]):
+        start, size, dst = in_off[s, me], sizes[s, me], out_off[s, me]
+        hit = (rows >= dst) & (rows < dst + size)
+        src = jnp.clip(start + rows - dst, 0, operand.shape[0] - 1)
+        hit = hit.reshape(hit.shape + (1,) * (output.ndim - 1))
+        result = jnp.where(hit, ops[s][src], result)
+    if jnp.issubdtype(output.dtype, jnp.floating):
+        result = jnp.where(jnp.any(recv_sizes != sizes[:, me]), jnp.nan, result)
+    return result
+
+
+def _max_err(got, want) -> float:
+    return float(np.max(np.abs(got - want)))
+
+
+def _check_close(name: str, got: np.ndarray, want: np.ndarray, rtol: float = 1e-5) -> float:
+    # Relative to the array's scale: per-element rtol is meaningless for entries that are ~0.
+    err = _max_err(got, want)
+    assert err <= rtol * max(1.0, float(np.max(np.abs(want)))), f"{name}: max abs error {err}"
+    return err
+
+
+CASES = [(m, t, r) for m in MESHES for t in ("all_to_all", "all_gather", "ragged_emulated")
+         for r in ("uniform", "skewed")]
+
+
+@pytest.mark.parametrize("mesh_name,transport,routing", CASES)
+def test_matches_dense_reference(mesh_name, transport, routing, monkeypatch):
+    if transport == "ragged_emulated":
+        monkeypatch.setattr(jax.lax, "ragged_all_to_all", _emulated_ragged_all_to_all)
+        monkeypatch.setattr(ep, "RAGGED_UNSUPPORTED_PLATFORMS", frozenset())
+        transport = "ragged_all_to_all"
+    inp = _inputs(NUM_EXPERTS[mesh_name], routing)
+    y_ref, grads_ref = _reference(inp)
+    y, dropped, grads = _run_sharded(_mesh(mesh_name), inp, transport=transport)
+    assert dropped == 0
+    errs = [_check_close("y", y, y_ref)]
+    for name, g, g_ref in zip(("x", "weight", "gate_up", "down"), grads, grads_ref):
+        errs.append(_check_close(f"d/d{name}", g, g_ref))
+    print(f"\n[{mesh_name} {transport} {routing}] max abs err y {errs[0]:.2e} "
+          f"grads x {errs[1]:.2e} weight {errs[2]:.2e} gate_up {errs[3]:.2e} down {errs[4]:.2e}")
+
+
+def _expected_drops(expert: np.ndarray, num_experts: int, mesh_name: str, capacity_factor: float) -> np.ndarray:
+    """Documented rule: per (token shard, destination expert-shard), the first C tokens by position are kept."""
+    n_data, n_ep = MESHES[mesh_name]
+    t = T // (n_data * n_ep)
+    cap = max(1, min(t, math.ceil(capacity_factor * t / n_ep)))
+    dest = expert // (num_experts // n_ep)
+    dropped = np.zeros(T, bool)
+    for start in range(0, T, t):  # token shards are consecutive blocks of t
+        seen: dict[int, int] = {}
+        for i in range(start, start + t):
+            seen[dest[i]] = seen.get(dest[i], 0) + 1
+            dropped[i] = seen[dest[i]] > cap
+    return dropped
+
+
+@pytest.mark.parametrize("mesh_name", ["data2_expert4", "expert8"])
+def test_capacity_drops_are_counted_and_zeroed(mesh_name):
+    num_experts = NUM_EXPERTS[mesh_name]
+    inp = _inputs(num_experts, "skewed", seed=1)
+    want_dropped = _expected_drops(inp["expert"], num_experts, mesh_name, 0.5)
+    assert 0 < want_dropped.sum() < T
+    y, dropped, grads = _run_sharded(_mesh(mesh_name), inp, transport="all_to_all", capacity_factor=0.5)
+    assert dropped == int(want_dropped.sum())
+    assert np.all(y[want_dropped] == 0.0)
+    # Kept tokens match the reference; so do all gradients of the reference with the dropped tokens' weight zeroed,
+    # except d/dweight of a dropped token, which is 0 (its output no longer depends on its weight).
+    kept = ~want_dropped
+    y_ref, grads_ref = _reference(inp, weight=inp["weight"] * kept)
+    _check_close("y kept", y[kept], y_ref[kept])
+    grads_ref[1] = grads_ref[1] * kept
+    for name, g, g_ref in zip(("x", "weight", "gate_up", "down"), grads, grads_ref):
+        _check_close(f"d/d{name}", g, g_ref)
+
+
+def test_large_capacity_factor_is_dropless():
+    inp = _inputs(8, "skewed")
+    y, dropped, _ = _run_sharded(_mesh("data2_expert4"), inp, transport="all_to_all", capacity_factor=100.0)
+    assert dropped == 0
+    _check_close("y", y, _reference(inp)[0])
+
+
+def test_ragged_all_to_all_refuses_cpu():
+    inp = _inputs(8, "uniform")
+    with pytest.raises(ValueError, match=r"'ragged_all_to_all' is not supported on the 'cpu' backend"):
+        expert_parallel_ffn(inp["x"], inp["expert"], inp["weight"], inp["gate_up"], inp["down"],
+                            mesh=_mesh("data2_expert4"), transport="ragged_all_to_all")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"transport": "alltoall"}, "valid: all_to_all, all_gather, ragged_all_to_all"),
+    ({"transport": "all_gather", "capacity_factor": 1.0}, "capacity_factor applies to transport 'all_to_all'"),
+    ({"capacity_factor": 0.0}, "must be > 0"),
+    ({"token_axes": ("data",)}, "must include the expert axis"),
+    ({"expert_axis": "model", "token_axes": ("data", "model")}, "not in the mesh axes"),
+])
+def test_bad_arguments(kwargs, match):
+    inp = _inputs(8, "uniform")
+    with pytest.raises(ValueError, match=match):
+        expert_parallel_ffn(inp["x"], inp["expert"], inp["weight"], inp["gate_up"], inp["down"],
+                            mesh=_mesh("data2_expert4"), **kwargs)
