@@ -72,7 +72,8 @@ class Checkpointer:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.directory = epath.Path(directory)
+        # orbax requires absolute paths (a relative one fails only when the async commit runs).
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"checkpoint directory {str(self.directory)!r} exists but is not a directory")
         self.save_every = save_every

@@ -359,3 +359,15 @@ def test_invalid_arguments(tmp_path):
         Checkpointer(tmp_path, save_every=0, keep=1)
     with pytest.raises(ValueError, match="keep"):
         Checkpointer(tmp_path, save_every=1, keep=0)
+
+
+def test_relative_directory_works(tmp_path, monkeypatch):
+    """orbax rejects relative paths only when an async commit runs; the default run_dir is relative."""
+    monkeypatch.chdir(tmp_path)
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    with Checkpointer("runs/rel/checkpoints", save_every=1, keep=2, async_save=True) as ckpt:
+        assert ckpt.save(1, state, {"pos": 1})
+        ckpt.wait()
+        step, restored, data_state, _ = ckpt.restore(state)
+    assert step == 1 and data_state == {"pos": 1}
+    np.testing.assert_array_equal(np.asarray(restored["w"]), state["w"])
