@@ -5,9 +5,11 @@ Public API:
     ZayaForCausalLM, init_model          the model (Flax NNX; use nnx.split / nnx.merge for pure functions)
     parameter_counts                     total / active parameter counts without allocating
     load_pretrained, save_pretrained     transformers-format safetensors checkpoints
+    generate                             cached decoding with greedy / temperature / top-k / top-p sampling
 """
 
 from zaya_jax.config import ZayaConfig, load_preset
+from zaya_jax.generate import GenerateOutput, generate
 from zaya_jax.hf_io import load_pretrained, save_pretrained
 from zaya_jax.model import ForwardOutput, ParameterCounts, ZayaForCausalLM, init_model, parameter_counts
 from zaya_jax.router import BalancingBias
@@ -15,9 +17,11 @@ from zaya_jax.router import BalancingBias
 __all__ = [
     "BalancingBias",
     "ForwardOutput",
+    "GenerateOutput",
     "ParameterCounts",
     "ZayaConfig",
     "ZayaForCausalLM",
+    "generate",
     "init_model",
     "load_preset",
     "load_pretrained",

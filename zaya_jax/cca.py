@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zaya_jax.attention import attend
+from zaya_jax.cache import LayerCache
 from zaya_jax.config import ZayaConfig
 from zaya_jax.layers import apply_partial_rope, compute_dtype, constant_param, dense_init, rotary_embedding
 
@@ -60,8 +61,9 @@ class CCAttention(nnx.Module):
         positions: jax.Array,
         conv_history: jax.Array | None = None,
         value_history: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, S, H] -> q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D] (post norm, temperature and RoPE)."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, S, H] -> q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D] (post norm, temperature and RoPE),
+        and the recurrent state after the last token: (conv history [B, K, C], value history [B, Hkv*D/2])."""
         cfg = self.config
         dtype = compute_dtype(cfg)
         b, s, _ = x.shape
@@ -71,6 +73,8 @@ class CCAttention(nnx.Module):
         k0 = x @ self.k_proj[...].astype(dtype)
         packed = jnp.concatenate([q0, k0], axis=-1)
 
+        if conv_history is None:
+            conv_history = jnp.zeros((b, cfg.conv_history, cfg.conv_channels), dtype)
         z = self._conv_stack(packed, segment_ids, conv_history)
         q_mean = 0.5 * (q0.reshape(b, s, hkv, cfg.query_groups, d) + k0.reshape(b, s, hkv, 1, d))
         k_mean = q_mean.mean(axis=3)
@@ -91,18 +95,24 @@ class CCAttention(nnx.Module):
 
         q, k = self._qk_norm(q, k)
         cos, sin = rotary_embedding(positions, cfg.rotary_dim, cfg.rope_theta)
-        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+        state = (self._next_conv_history(packed, segment_ids, conv_history), v_del[:, -1])
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v, state
 
-    def _conv_stack(
-        self, packed: jax.Array, segment_ids: jax.Array, history: jax.Array | None
-    ) -> jax.Array:
+    def _next_conv_history(self, packed: jax.Array, segment_ids: jax.Array, history: jax.Array) -> jax.Array:
+        """The last K pre-conv columns as the next token sees them: columns of another document are zero."""
+        pad = self.config.conv_history
+        if pad == 0:
+            return history
+        extended = jnp.concatenate([history.astype(packed.dtype), packed], axis=1)[:, -pad:]
+        seg_ext = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)[:, -pad:]
+        return jnp.where((seg_ext == segment_ids[:, -1:])[..., None], extended, 0)
+
+    def _conv_stack(self, packed: jax.Array, segment_ids: jax.Array, history: jax.Array) -> jax.Array:
         """packed [B, S, C] -> the two causal convs' output [B, S, C] (see module docstring)."""
         cfg = self.config
         dtype = packed.dtype
         b, s, c = packed.shape
         k_dw, k_gr, pad = cfg.conv_kernel_depthwise, cfg.conv_kernel_grouped, cfg.conv_history
-        if history is None:
-            history = jnp.zeros((b, pad, c), dtype)
         extended = jnp.concatenate([history.astype(dtype), packed], axis=1)  # [B, pad + S, C]
         # History columns belong to the first token's document (they are zeros at a sequence start).
         seg_ext = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
@@ -138,9 +148,33 @@ class CCAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """x [B, S, H], segment_ids [B, S], positions [B, S] -> [B, S, H]."""
-        q, k, v = self.project(x, segment_ids, positions)
+        q, k, v, _ = self.project(x, segment_ids, positions)
         index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         out = attend(q, k, v, segment_ids, segment_ids, index, index, self.config.attention_impl)
+        return self._output(out)
+
+    def cached(
+        self, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: LayerCache, start: jax.Array
+    ) -> tuple[jax.Array, LayerCache]:
+        """Attention of S new tokens written at cache slots start..start+S-1 (the same slots for every row).
+
+        x [B, S, H]; positions [B, S] (RoPE); valid [B, T] int: 1 where a slot holds a real token (the new slots
+        included; 0 for left padding). -> (out [B, S, H], updated cache).
+        """
+        s = x.shape[1]
+        segment_ids = jax.lax.dynamic_slice_in_dim(valid, start, s, axis=1)
+        q, k, v, (conv, value) = self.project(x, segment_ids, positions, cache.conv, cache.value)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start, 2)
+        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start, 2)
+        b, t = valid.shape
+        q_index = jnp.broadcast_to(start + jnp.arange(s), (b, s))
+        kv_index = jnp.broadcast_to(jnp.arange(t), (b, t))
+        out = attend(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), segment_ids, valid, q_index,
+                     kv_index, self.config.attention_impl)
+        return self._output(out), LayerCache(keys, values, conv.astype(cache.conv.dtype),
+                                             value.astype(cache.value.dtype))
+
+    def _output(self, out: jax.Array) -> jax.Array:
         dtype = compute_dtype(self.config)
-        return out.reshape(*x.shape[:2], -1) @ self.o_proj[...].astype(dtype)
+        return out.reshape(*out.shape[:2], -1) @ self.o_proj[...].astype(dtype)
 

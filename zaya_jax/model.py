@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zaya_jax.cache import Cache, LayerCache
 from zaya_jax.cca import CCAttention
 from zaya_jax.config import ZayaConfig
 from zaya_jax.layers import Affine, RMSNorm, ResidualScaling, compute_dtype, dense_init
@@ -56,6 +57,17 @@ class DecoderLayer(nnx.Module):
         residual = self.post_attn_scale(h, residual)
         h, router_state, choice, dropped = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
         return self.post_moe_scale(h, residual), router_state, (choice, dropped)
+
+    def cached(
+        self, residual: jax.Array, router_state: jax.Array, positions: jax.Array, valid: jax.Array,
+        cache: LayerCache, start: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, LayerCache]:
+        """The layer for S new tokens at cache slots start.. (see CCAttention.cached)."""
+        dtype = compute_dtype(self.config)
+        h, cache = self.attn.cached(self.input_norm(residual.astype(dtype)), positions, valid, cache, start)
+        residual = self.post_attn_scale(h, residual)
+        h, router_state, _, _ = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
+        return self.post_moe_scale(h, residual), router_state, cache
 
 
 class Routing(NamedTuple):
@@ -115,7 +127,7 @@ class ZayaForCausalLM(nnx.Module):
         cfg = self.config
         dtype = compute_dtype(cfg)
         input_ids = jnp.asarray(input_ids)
-        _check_token_ids(input_ids, cfg.vocab_size)
+        check_token_ids(input_ids, cfg.vocab_size)
         if attention_mask is not None and segment_ids is not None:
             raise ValueError("give attention_mask (padding) or segment_ids (packed documents), not both")
         if segment_ids is None:
@@ -126,9 +138,7 @@ class ZayaForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
-        embedded = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
-        residual = self.input_affine(embedded).astype(jnp.float32)
-
+        residual = self._embed(input_ids)
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, state):
@@ -143,6 +153,35 @@ class ZayaForCausalLM(nnx.Module):
         (residual, _), (choices, dropped) = jax.lax.scan(body, (residual, router_state), layer_state)
         return self.final_norm(residual.astype(dtype)), Routing(choices, dropped)
 
+    def cached_forward(
+        self, input_ids: jax.Array, positions: jax.Array, new_valid: jax.Array, cache: Cache
+    ) -> tuple[jax.Array, Cache]:
+        """Runs S new tokens against the cache: input_ids, positions, new_valid [B, S] (new_valid 0 marks left
+        padding) -> (logits [B, S, V] float32, the cache with the S tokens appended)."""
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid.astype(jnp.int32), cache.length, axis=1)
+        residual = self._embed(input_ids)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(carry, layer_inputs):
+            residual, router_state = carry
+            state, layer_cache = layer_inputs
+            layer = nnx.merge(graphdef, state)
+            residual, router_state, layer_cache = layer.cached(
+                residual, router_state, positions, valid, layer_cache, cache.length)
+            return (residual, router_state), layer_cache
+
+        router_state = jnp.zeros((*input_ids.shape, cfg.router_hidden_size), dtype)
+        (residual, _), layers = jax.lax.scan(body, (residual, router_state), (layer_state, cache.layers))
+        logits = self.logits(self.final_norm(residual.astype(dtype)))
+        return logits, Cache(layers, valid, cache.length + input_ids.shape[1])
+
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """ids [B, S] -> the float32 residual stream (embedding and its learned affine)."""
+        embedded = jnp.take(self.embed[...], input_ids, axis=0).astype(compute_dtype(self.config))
+        return self.input_affine(embedded).astype(jnp.float32)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., H] -> logits [..., V] float32 (tied: against the embedding)."""
         dtype = compute_dtype(self.config)
@@ -151,7 +190,7 @@ class ZayaForCausalLM(nnx.Module):
         return jnp.einsum("...h,hv->...v", hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
+def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
     if input_ids.ndim != 2:

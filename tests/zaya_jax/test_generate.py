@@ -1,0 +1,96 @@
+"""Cached decoding: logits equal the full forward, greedy tokens equal transformers' generate, cache size."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tests.zaya_jax.test_parity import _models
+from zaya_jax import generate, load_preset
+from zaya_jax.cache import init_cache, kv_bytes_per_token
+
+
+@pytest.fixture(scope="module", params=["gqa4x2", "mqa"])
+def pair(request):
+    return _models(request.param)
+
+
+def _prompts(vocab: int, rows: int = 3, length: int = 9, seed: int = 0):
+    ids = np.random.default_rng(seed).integers(3, vocab, (rows, length))
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0  # left padding of different lengths
+    mask[2, :1] = 0
+    return np.where(mask == 1, ids, 0), mask
+
+
+def test_cached_decoding_logits_equal_the_full_forward(pair):
+    _, model = pair
+    ids, mask = _prompts(model.config.vocab_size, length=12)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=jnp.asarray(positions)))
+    prefill = 5
+    cache = init_cache(model.config, ids.shape[0], ids.shape[1])
+    step = jax.jit(model.cached_forward)
+    logits, cache = step(jnp.asarray(ids[:, :prefill]), jnp.asarray(positions[:, :prefill]),
+                         jnp.asarray(mask[:, :prefill]), cache)
+    cached = [np.asarray(logits)]
+    for t in range(prefill, ids.shape[1]):  # teacher-forced, one token per call
+        logits, cache = step(jnp.asarray(ids[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]),
+                             jnp.asarray(mask[:, t:t + 1]), cache)
+        cached.append(np.asarray(logits))
+    cached = np.concatenate(cached, axis=1)
+    real = mask.astype(bool)
+    err = np.abs(cached - full)[real].max() / np.abs(full[real]).max()
+    assert err <= 1e-4, err
+
+
+def test_greedy_tokens_equal_transformers_generate(pair):
+    hf, model = pair
+    ids, mask = _prompts(model.config.vocab_size, seed=1)
+    with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=8,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    out = generate(model, ids, 8, attention_mask=mask, stop_tokens=())
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    assert (np.asarray(out.lengths) == 8).all()
+
+
+def test_stop_tokens_pad_the_rest_and_sampling_settings(pair):
+    _, model = pair
+    ids, mask = _prompts(model.config.vocab_size, seed=2)
+    greedy = np.asarray(generate(model, ids, 6, attention_mask=mask, stop_tokens=()).tokens)
+    stop = int(greedy[0, 2])
+    out = generate(model, ids, 6, attention_mask=mask, stop_tokens=(stop,))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    first = int(np.argmax(greedy[0] == stop))
+    assert lengths[0] == first + 1 and (tokens[0, first + 1:] == 0).all()
+    np.testing.assert_array_equal(tokens[0, :first + 1], greedy[0, :first + 1])
+    # top_k = 1 and a tiny top_p are greedy whatever the temperature; sampling is reproducible from the seed.
+    for kwargs in ({"top_k": 1}, {"top_p": 1e-6}):
+        np.testing.assert_array_equal(
+            np.asarray(generate(model, ids, 6, attention_mask=mask, stop_tokens=(), temperature=1.5, **kwargs).tokens),
+            greedy)
+    a = generate(model, ids, 6, attention_mask=mask, stop_tokens=(), temperature=1.0, seed=7).tokens
+    b = generate(model, ids, 6, attention_mask=mask, stop_tokens=(), temperature=1.0, seed=7).tokens
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_zaya1_8b_kv_cache_is_40_kib_per_token():
+    config = load_preset("zaya1-8b")  # bfloat16
+    cache = jax.eval_shape(lambda: init_cache(config, batch=1, max_len=8))
+    assert kv_bytes_per_token(cache) == 40 * 1024  # 40 layers x (2 + 2 heads x 128) x 2 bytes
+    assert cache.layers.k.shape == (40, 1, 2, 8, 128)
+    assert cache.layers.conv.shape == (40, 1, 2, 1280)
+
+
+def test_bad_generate_arguments():
+    _, model = _models("gqa4x2")
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate(model, np.ones((1, 3), np.int32), 0)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, np.full((1, 3), 10_000), 2)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        generate(model, np.ones((1, 3), np.int32), 300)
