@@ -39,6 +39,15 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "router": None,
     "router_classes": None,
     "norm": None,
+    "length": None,
+    "activation_embed": None,
+}
+
+# Logical axes of the key activations (what zaya_jax.layers.constrain pins inside the model under a mesh).
+ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
+    "residual": ("batch", "length", "activation_embed"),  # [B, S, H] float32 residual stream
+    "logits": ("batch", "length", "vocab"),  # [B, S, V]
+    "tokens": ("batch", "length"),  # [B, S] ids, segment ids, positions
 }
 
 # Parameter path (slash-joined, as in nnx.State) -> logical axes per dimension.
@@ -126,6 +135,21 @@ def partition_spec(
             raise ShardingRuleError(
                 f"{name}: dim {dim} ({axis!r}, size {size}) is not divisible by mesh axes {mesh_axes} ({ways} ways)"
             )
+        spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
+    return PartitionSpec(*spec)
+
+
+def activation_spec(kind: str, mesh: Any, rules: dict[str, Any] | None = None) -> PartitionSpec:
+    """The PartitionSpec of activation `kind` (a key of ACTIVATION_AXES) on `mesh` (concrete or abstract)."""
+    rules = RULES if rules is None else rules
+    spec, used = [], set()
+    for axis in ACTIVATION_AXES[kind]:
+        target = rules[axis]
+        mesh_axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        mesh_axes = tuple(a for a in mesh_axes if dict(mesh.shape).get(a, 1) > 1)
+        if used & set(mesh_axes):
+            raise ShardingRuleError(f"activation {kind}: mesh axes {sorted(used & set(mesh_axes))} used twice")
+        used |= set(mesh_axes)
         spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
     return PartitionSpec(*spec)
 

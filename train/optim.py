@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sharding.rules import path_name
+
 PyTree = Any
 
 _NAMES = ("adamw", "muon")
@@ -264,15 +266,7 @@ def _rank(leaf: Any) -> int:
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts).lower()
+    return path_name(path).lower()
 
 
 def _set_float(cfg: OptimizerConfig, name: str) -> None:

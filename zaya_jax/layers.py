@@ -5,6 +5,7 @@
 - `ResidualScaling`: `(h + b_h) * s_h + (res + b_r) * s_r`, the learned residual merge; the residual stream is float32.
 - `rotary_embedding` / `apply_partial_rope`: NeoX (rotate-half) RoPE on the first `rotary_dim` dims of each head.
 - `dense_init`, `DTYPES`: the initializer and dtype table every module uses.
+- `constrain`: pins a key activation to its logical layout (sharding/rules.py) under a mesh.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ class ResidualScaling(nnx.Module):
 
     def __call__(self, h: jax.Array, residual: jax.Array) -> jax.Array:
         return self.hidden(h).astype(jnp.float32) + self.residual(residual.astype(jnp.float32))
+
+
+def constrain(x: jax.Array, kind: str) -> jax.Array:
+    """Pins activation `kind` ("residual", "logits", "tokens") to its layout in sharding/rules.py when the model
+    runs under a mesh (`jax.set_mesh`); a no-op on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    # Imported here: sharding/ builds on this package, not the other way round.
+    from sharding.rules import activation_spec
+
+    return jax.lax.with_sharding_constraint(x, activation_spec(kind, mesh))
 
 
 def rotary_embedding(positions: jax.Array, rotary_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

@@ -26,7 +26,7 @@ from flax import nnx
 from zaya_jax.cache import Cache, LayerCache
 from zaya_jax.cca import CCAttention
 from zaya_jax.config import ZayaConfig
-from zaya_jax.layers import Affine, RMSNorm, ResidualScaling, compute_dtype, dense_init
+from zaya_jax.layers import Affine, RMSNorm, ResidualScaling, compute_dtype, constrain, dense_init
 from zaya_jax.moe import MoE
 
 REMAT_POLICIES = {
@@ -56,7 +56,7 @@ class DecoderLayer(nnx.Module):
         h = self.attn(self.input_norm(residual.astype(dtype)), segment_ids, positions)
         residual = self.post_attn_scale(h, residual)
         h, router_state, choice, dropped = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
-        return self.post_moe_scale(h, residual), router_state, (choice, dropped)
+        return constrain(self.post_moe_scale(h, residual), "residual"), router_state, (choice, dropped)
 
     def cached(
         self, residual: jax.Array, router_state: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -179,15 +179,19 @@ class ZayaForCausalLM(nnx.Module):
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         """ids [B, S] -> the float32 residual stream (embedding and its learned affine)."""
-        embedded = jnp.take(self.embed[...], input_ids, axis=0).astype(compute_dtype(self.config))
-        return self.input_affine(embedded).astype(jnp.float32)
+        embedded = jnp.take(self.embed[...], constrain(input_ids, "tokens"), axis=0).astype(compute_dtype(self.config))
+        return constrain(self.input_affine(embedded).astype(jnp.float32), "residual")
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., H] -> logits [..., V] float32 (tied: against the embedding)."""
         dtype = compute_dtype(self.config)
         if self.config.tie_word_embeddings:
-            return jnp.einsum("...h,vh->...v", hidden, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("...h,hv->...v", hidden, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("...h,vh->...v", hidden, self.embed[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("...h,hv->...v", hidden, self.lm_head[...].astype(dtype),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, "logits") if logits.ndim == 3 else logits
 
 
 def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:

@@ -137,3 +137,19 @@ def test_rules_reject_collisions_and_indivisible_axes():
         partition_spec("layers/attn/new_thing", (2, 8), mesh)
     with pytest.raises(ValueError, match="multiply to 6, but there are 8 devices"):
         make_mesh(MeshConfig(data=3, expert=2))
+
+
+def test_key_activations_carry_their_logical_layout(batch):
+    mesh = make_mesh(MESHES["data2_expert4"])
+    from sharding.rules import activation_spec
+
+    assert activation_spec("residual", mesh) == PartitionSpec(("data", "expert"), None, None)
+    assert activation_spec("logits", make_mesh(MeshConfig(data=4, tensor=2))) == PartitionSpec("data", None, "tensor")
+    model = init_sharded_model(CONFIG, mesh, seed=0)
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        logits = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, jax.device_put(batch["tokens"],
+                                                                                              batch_sharding(mesh)))
+    assert logits.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "expert"), None, None)), 3)
+    reference = init_model(CONFIG, seed=0)(batch["tokens"])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-5, atol=1e-5)
