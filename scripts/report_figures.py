@@ -1,0 +1,113 @@
+"""Prints the figures quoted in closing notes: parity errors against transformers, compile times of the tiny preset,
+per-device parameter bytes on the test meshes, and the balancer test's entropy curve.
+
+    PYTHONPATH=. python scripts/report_figures.py parity|compile|bytes|balancer
+
+Run from the repository root with the test extras installed; it reuses the test suite's fixtures (8 virtual CPU
+devices via tests/conftest.py).
+"""
+
+import sys
+
+import tests.conftest  # noqa: F401  (8 CPU devices, highest matmul precision; before jax is used)
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+
+def parity() -> None:
+    from tests.zaya_jax.hf_reference import hf_choices
+    from tests.zaya_jax.test_parity import CONFIGS, SHAPES, _models
+    from zaya_jax.hf_io import model_from_hf_tensors
+
+    for name in CONFIGS:
+        hf, ours = _models(name)
+        worst, same = 0.0, True
+        for b, s in SHAPES[name]:
+            ids = torch.randint(0, ours.config.vocab_size, (b, s), generator=torch.Generator().manual_seed(s))
+            with torch.no_grad():
+                ref = hf(ids).logits.numpy()
+            out = ours(jnp.asarray(ids.numpy()), return_choices=True)
+            worst = max(worst, float(np.abs(np.asarray(out.logits) - ref).max() / np.abs(ref).max()))
+            same &= bool((np.asarray(out.choices) == hf_choices(hf, ids)).all())
+        ids = torch.randint(3, ours.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(7))
+        mask = torch.ones(3, 11, dtype=torch.long)
+        mask[0, :4] = 0
+        mask[2, :1] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+        with torch.no_grad():
+            ref = hf(ids, attention_mask=mask).logits.numpy()
+        got = np.asarray(ours(jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())))
+        real = mask.numpy().astype(bool)
+        padded = float(np.abs(got - ref)[real].max() / np.abs(ref[real]).max())
+        print(f"{name}: fp32 max rel err {worst:.2e} (expert choices identical: {same}); left-padded {padded:.2e}")
+    hf32, _ = _models("gqa4x2")
+    hf = hf32.to(torch.bfloat16)
+    state = {k: v.float().numpy() for k, v in hf.state_dict().items()}
+    config = CONFIGS["gqa4x2"].replace(param_dtype="bfloat16", dtype="bfloat16")
+    ours = model_from_hf_tensors(config, state.__getitem__, {k: v.shape for k, v in state.items()})
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits.float().numpy()
+    got = np.asarray(ours(jnp.asarray(ids.numpy())))
+    print(f"gqa4x2 bf16 vs transformers bf16: max rel err {np.abs(got - ref).max() / np.abs(ref).max():.2e}")
+
+
+def compile_times() -> None:
+    from zaya_jax import init_model, load_preset
+
+    for layers in (4, 40):
+        model = init_model(load_preset("tiny").replace(num_layers=layers))
+        graphdef, state = nnx.split(model)
+        ids = jnp.zeros((2, 64), jnp.int32)
+        forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))
+        start = time.perf_counter()
+        forward.lower(state, ids).compile()
+        fwd = time.perf_counter() - start
+        grad = jax.jit(jax.grad(lambda s, i: nnx.merge(graphdef, s)(i).mean()))
+        start = time.perf_counter()
+        grad.lower(state, ids).compile()
+        print(f"tiny, {layers} layers: forward compile {fwd:.2f}s, forward+backward compile "
+              f"{time.perf_counter() - start:.2f}s")
+
+
+def device_bytes() -> None:
+    from sharding import init_sharded_model, make_mesh
+    from tests.sharding.test_meshes import CONFIG, MESHES
+
+    for name, mesh_config in MESHES.items():
+        state = nnx.state(init_sharded_model(CONFIG, make_mesh(mesh_config)))
+        total = sum(x.nbytes for x in jax.tree.leaves(state))
+        per_device = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+        print(f"{name}: {total} bytes in all, {per_device} per device ({per_device / total:.3f})")
+
+
+def balancer() -> None:
+    from tests.train.test_step import (BALANCER_STEPS, BalancerConfig, ByteTokenizer, SyntheticSource,
+                                       _collapsed_model, _setup, make_dataset)
+
+    keys = ("tokens", "segment_ids", "positions", "targets", "target_mask")
+    for enabled in (True, False):
+        _, state, step = _setup(balancer=BalancerConfig(enabled=enabled, lr=0.01), model=_collapsed_model())
+        data = iter(make_dataset(SyntheticSource(seed=1), ByteTokenizer(), 128, 4, seed=1, num_threads=0))
+        entropy = []
+        for _ in range(BALANCER_STEPS):
+            raw = next(data)
+            state, metrics = step(state, {k: jnp.asarray(raw[k]) for k in keys})
+            entropy.append(np.asarray(metrics["routing_entropy"]))
+        entropy = np.stack(entropy)
+        rows = [0] + list(range(19, BALANCER_STEPS, 20))
+        first = [int(np.argmax(entropy[:, l] > 0.95)) + 1 if (entropy[:, l] > 0.95).any() else None
+                 for l in range(entropy.shape[1])]
+        print(f"balancer {'on' if enabled else 'off'}: min over layers at steps {[r + 1 for r in rows]}: "
+              f"{np.round(entropy[rows].min(1), 3).tolist()}; first step > 0.95 per layer {first}; "
+              f"mean of the last 50 steps per layer {np.round(entropy[-50:].mean(0), 3).tolist()}")
+
+
+if __name__ == "__main__":
+    {"parity": parity, "compile": compile_times, "bytes": device_bytes, "balancer": balancer}[sys.argv[1]]()
