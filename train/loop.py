@@ -38,7 +38,7 @@ from train.config import TrainConfig
 from train.data import load_tokenizer, make_dataset, open_source, pipeline_counters
 from train.data.hosts import HostBatches
 from train.data.synthetic import answer_accuracy
-from train.evaluate import greedy_completions, make_greedy_decoder
+from train.evaluate import greedy_completions
 from train.metrics import MetricsWriter, ProgressBar
 from train.optim import make_optimizer, make_schedule
 from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_loss_curve, plot_routing_entropy
@@ -46,6 +46,8 @@ from train.step import TrainState, init_train_state, make_train_step
 from zaya_jax.hf_io import load_pretrained
 from zaya_jax.model import parameter_counts
 
+RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "moe_impl", "expert_parallel_transport",
+                  "expert_capacity_factor", "remat_policy")
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "targets", "target_mask")
 # Dense bf16 peak FLOP/s per device, for the MFU estimate when train.peak_flops is 0.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -123,8 +125,9 @@ def build_model(cfg: TrainConfig, mesh: Mesh) -> nnx.Module:
     or loaded from `train.init_from` (a transformers-format directory) for fine-tuning."""
     if not cfg.train.init_from:
         return init_sharded_model(cfg.model, mesh, seed=cfg.train.seed)
-    model = load_pretrained(cfg.train.init_from, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                            remat_policy=cfg.model.remat_policy, moe_impl=cfg.model.moe_impl)
+    # The checkpoint fixes the architecture; how it runs (dtypes, kernels, dispatch, remat) comes from the run.
+    runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
+    model = load_pretrained(cfg.train.init_from, **runtime)
     if model.config != cfg.model:
         raise ValueError(
             f"train.init_from {cfg.train.init_from}: its config differs from the run's model section; "
@@ -177,9 +180,6 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     run = cfg.train
     os.makedirs(run.run_dir, exist_ok=True)
     primary = jax.process_index() == 0  # one process writes the run's files; every process checkpoints (orbax)
-    if primary:
-        with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     tokenizer = load_tokenizer(None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -212,6 +212,11 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
         start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)))
         state = from_nested_dict(state, nested)
         data_iter.set_state(data_state)
+    # Written only once the checkpoint is known to fit this configuration: a failed resume into a different
+    # architecture must not leave a config.yaml that no longer describes the run's checkpoints.
+    if primary:
+        with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     stop_requested = {"signal": None}
 
@@ -292,7 +297,8 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     accuracy = None
     # Decoding gathers outputs on the host: single-process runs only (multi-host runs evaluate after export).
     if not interrupted and cfg.data.eval_samples > 0 and jax.process_count() == 1:
-        accuracy = heldout_accuracy(cfg, graphdef, state, tokenizer)
+        with jax.set_mesh(mesh):
+            accuracy = heldout_accuracy(cfg, graphdef, state, tokenizer)
     summary = RunSummary(
         run_dir=run.run_dir, steps=step, first_loss=first_loss, last_loss=last_loss, heldout_accuracy=accuracy,
         wall_time_s=time.perf_counter() - start_time, interrupted=interrupted,
@@ -325,9 +331,8 @@ def data_counters(data_iter: HostBatches) -> dict[str, int]:
 def heldout_accuracy(cfg: TrainConfig, graphdef: nnx.GraphDef, state: TrainState, tokenizer) -> float:
     source = open_source(cfg.data.eval_source, seed=cfg.train.seed + 1)
     records = [source[i] for i in range(cfg.data.eval_samples)]
-    decoder = make_greedy_decoder(graphdef, cfg.data.eval_max_new_tokens)
-    completions = greedy_completions(decoder, state.params, state.biases, tokenizer, records,
-                                     cfg.data.eval_max_new_tokens)
+    model = nnx.merge(graphdef, state.params, state.biases)
+    completions = greedy_completions(model, tokenizer, records, cfg.data.eval_max_new_tokens)
     return answer_accuracy(completions, records)
 
 

@@ -139,3 +139,23 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert "query_heads (4) must be divisible by kv_heads (3)" in capsys.readouterr().err
     assert export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a zaya-train run directory" in capsys.readouterr().err
+
+
+def test_heldout_greedy_completions_equal_an_uncached_argmax_loop(straight_run):
+    from train.data import ByteTokenizer, generate_problems
+    from train.evaluate import greedy_completions, prompt_ids
+
+    run_dir, _ = straight_run
+    model = load_pretrained_run(run_dir)
+    tokenizer = ByteTokenizer()
+    records = generate_problems(3, seed=5, split="heldout")
+    got = greedy_completions(model, tokenizer, records, max_new_tokens=12, batch_size=2)
+    for record, completion in zip(records, got):
+        ids = prompt_ids(record, tokenizer)
+        new = []
+        for _ in range(12):  # the reference: full forward over the whole sequence, argmax of the last position
+            token = int(np.argmax(np.asarray(model(jnp.asarray([ids + new])))[0, -1]))
+            if token == tokenizer.eos_id:
+                break
+            new.append(token)
+        assert completion == tokenizer.decode(new)
