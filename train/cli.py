@@ -97,11 +97,18 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def export_run(run_dir: str, out: str, *, step: int | None = None, dtype: str | None = None,
                max_shard_size: str | int = "5GB") -> None:
+    from zaya_jax.hf_io import save_pretrained
+
+    model, _ = load_run_model(run_dir, step=step)
+    save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def load_run_model(run_dir: str, *, step: int | None = None):
+    """(model, TrainConfig) from a zaya-train run directory's checkpoint (`step`, default the latest)."""
     from flax import nnx
 
     from train.checkpoint import Checkpointer
     from train.loop import abstract_like, from_nested_dict, setup, to_nested_dict
-    from zaya_jax.hf_io import save_pretrained
 
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_path):
@@ -111,14 +118,13 @@ def export_run(run_dir: str, out: str, *, step: int | None = None, dtype: str | 
                                 keep=cfg.train.keep_checkpoints, async_save=False)
     try:
         if checkpointer.latest_step() is None:
-            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/")
         graphdef, template, _, _ = setup(cfg)
         _, nested, _, _ = checkpointer.restore(to_nested_dict(abstract_like(template)), step=step)
     finally:
         checkpointer.close()
     state = from_nested_dict(template, nested)
-    model = nnx.merge(graphdef, state.params, state.biases)
-    save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)
+    return nnx.merge(graphdef, state.params, state.biases), cfg
 
 
 if __name__ == "__main__":

@@ -8,16 +8,25 @@ cache slot at each step. RoPE positions count real tokens only (cumsum(mask) - 1
 After a row emits a stop token it emits `pad_token_id` and its length stops growing; the loop ends when every row
 has stopped or N tokens are out. Sampling: temperature 0 is greedy; otherwise logits / temperature, restricted to
 the top_k most likely tokens (0 = all) and to the smallest set whose probability reaches top_p (1.0 = all).
+
+Streaming: `on_tokens(tokens [B], done [B])` is called from inside the compiled loop (an ordered io_callback) with
+each step's tokens, so a caller can print text as it decodes; `done` marks rows that had already stopped.
+
+    generate_ids(model, prompts: list of id lists, max_new_tokens, ...) -> list of generated id lists
+left-pads prompts of any lengths (to `pad_to` when given, so repeated calls share one compiled program) and decodes
+them in batches of `batch_size` rows (the last batch padded with copies), which is what evaluation and RSA use.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from zaya_jax.cache import init_cache
 from zaya_jax.model import ZayaForCausalLM, check_token_ids
@@ -57,6 +66,7 @@ def generate(
     top_p: float = 1.0,
     stop_tokens: Sequence[int] | None = None,
     seed: int = 0,
+    on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> GenerateOutput:
     """Decodes up to `max_new_tokens` tokens after each prompt row (see the module docstring)."""
     config = model.config
@@ -77,13 +87,63 @@ def generate(
     stops = tuple(config.eos_ids if stop_tokens is None else stop_tokens)
     graphdef, state = nnx.split(model)
     run = _compiled(graphdef, max_new_tokens, float(temperature), int(top_k), float(top_p), stops,
-                    config.pad_token_id or 0)
-    return run(state, input_ids, mask, jax.random.key(seed))
+                    config.pad_token_id or 0, on_tokens is not None)
+    if on_tokens is None:
+        return run(state, input_ids, mask, jax.random.key(seed))
+    _stream_sink.append(on_tokens)
+    try:
+        return jax.block_until_ready(run(state, input_ids, mask, jax.random.key(seed)))
+    finally:
+        _stream_sink.pop()
+
+
+# The compiled loop calls `_emit`, which forwards to the innermost generate() call's on_tokens: one compiled program
+# serves every callback instead of one per callback object.
+_stream_sink: list[Callable[[np.ndarray, np.ndarray], None]] = []
+
+
+def _emit(tokens, done) -> None:
+    _stream_sink[-1](np.asarray(tokens), np.asarray(done))
+
+
+def generate_ids(
+    model: ZayaForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    pad_to: int | None = None,
+    batch_size: int | None = None,
+    pad_id: int = 0,
+    **sampling,
+) -> list[list[int]]:
+    """Generated ids per prompt (up to and including its stop token, no padding); `sampling` goes to generate()."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_ids needs at least one prompt, and no empty prompt")
+    longest = max(len(p) for p in prompts)
+    width = longest if pad_to is None else pad_to
+    if width < longest:
+        raise ValueError(f"a prompt has {longest} tokens, more than pad_to={pad_to}")
+    rows_per_call = len(prompts) if batch_size is None else batch_size
+    seed = sampling.pop("seed", 0)
+    out: list[list[int]] = []
+    for call, start in enumerate(range(0, len(prompts), rows_per_call)):
+        chunk = list(prompts[start:start + rows_per_call])
+        rows = len(chunk)
+        chunk += [chunk[-1]] * (rows_per_call - rows)  # one compiled shape for every call
+        tokens = np.full((rows_per_call, width), pad_id, np.int32)
+        mask = np.zeros_like(tokens)
+        for row, ids in enumerate(chunk):
+            tokens[row, width - len(ids):] = ids
+            mask[row, width - len(ids):] = 1
+        result = generate(model, tokens, max_new_tokens, attention_mask=mask, seed=seed + call, **sampling)
+        generated, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+        out.extend(generated[row, :lengths[row]].tolist() for row in range(rows))
+    return out
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-              stops: tuple[int, ...], pad_id: int):
+              stops: tuple[int, ...], pad_id: int, stream: bool):
     stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)
 
     @jax.jit
@@ -97,6 +157,8 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
         token = sample_token(logits[:, -1], sub, temperature, top_k, top_p)
         out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
         done = jnp.isin(token, stop_ids)
+        if stream:
+            io_callback(_emit, None, token, jnp.zeros_like(done), ordered=True)
         lengths = jnp.ones((batch,), jnp.int32)
         position = positions[:, -1] + 1
 
@@ -111,6 +173,8 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
             key, sub = jax.random.split(key)
             new = sample_token(logits[:, -1], sub, temperature, top_k, top_p)
             new = jnp.where(done, pad_id, new)
+            if stream:
+                io_callback(_emit, None, new, done, ordered=True)
             out = jax.lax.dynamic_update_index_in_dim(out, new, i, axis=1)
             lengths = lengths + (~done).astype(jnp.int32)
             done = done | jnp.isin(new, stop_ids)

@@ -143,7 +143,8 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
 
 def test_heldout_greedy_completions_equal_an_uncached_argmax_loop(straight_run):
     from train.data import ByteTokenizer, generate_problems
-    from train.evaluate import greedy_completions, prompt_ids
+    from train.evaluate import greedy_completions
+    from zaya_jax.tokenizers import reasoning_prompt
 
     run_dir, _ = straight_run
     model = load_pretrained_run(run_dir)
@@ -151,7 +152,7 @@ def test_heldout_greedy_completions_equal_an_uncached_argmax_loop(straight_run):
     records = generate_problems(3, seed=5, split="heldout")
     got = greedy_completions(model, tokenizer, records, max_new_tokens=12, batch_size=2)
     for record, completion in zip(records, got):
-        ids = prompt_ids(record, tokenizer)
+        ids = reasoning_prompt(tokenizer, record["prompt"])
         new = []
         for _ in range(12):  # the reference: full forward over the whole sequence, argmax of the last position
             token = int(np.argmax(np.asarray(model(jnp.asarray([ids + new])))[0, -1]))

@@ -21,8 +21,8 @@ from train.data.sources import (
     SyntheticSource,
     open_source,
 )
-from train.data.synthetic import answer_accuracy, extract_answer, generate_problems, problem_at
-from train.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from train.data.synthetic import answer_accuracy, generate_problems, problem_at
+from zaya_jax.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from train.data.trimming import TrimCounters, trim_sample
 
 _LAZY_PIPELINE = ("make_dataset", "pipeline_counters", "trim_counters", "PackIterDataset")
@@ -52,7 +52,6 @@ __all__ = [
     "TurnSpans",
     "answer_accuracy",
     "build_row",
-    "extract_answer",
     "first_fit_decreasing",
     "format_record",
     "generate_problems",

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data.tokenizers import Tokenizer
+from zaya_jax.tokenizers import Tokenizer
 
 Span = tuple[int, int]  # [start, end) in the rendered token sequence
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from train.data.formatting import tokenize_record
 from train.data.packing import _check_length, next_token_targets, pack_examples
-from train.data.tokenizers import Tokenizer
+from zaya_jax.tokenizers import Tokenizer
 from train.data.trimming import TrimCounters, trim_sample
 
 COUNTER_KEYS = ("kept", "trimmed", "dropped", "chunked", "skipped")

@@ -19,17 +19,18 @@ construction: every problem text is assigned to one split by a stable hash of
 its prompt, and each split's generator resamples until it lands in its own
 bucket. So no seed choice can leak a held-out problem into training.
 
-Also here: ``extract_answer`` (last ``\\boxed{...}`` or a custom regex) and
-``answer_accuracy`` (exact-match rate of extracted answers).
+Also here: ``answer_accuracy`` (exact-match rate of answers extracted by
+``zaya_jax.answers.extract_answer``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from zaya_jax.answers import extract_answer
 
 SPLITS = ("train", "heldout")
 # One problem text in this many belongs to the held-out split.
@@ -103,45 +104,6 @@ def generate_problems(n: int, seed: int, split: str = "train") -> list[dict[str,
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [problem_at(i, seed, split) for i in range(n)]
-
-
-def _last_boxed(text: str) -> str | None:
-    # Brace matching (not a regex) so nested content like \boxed{\frac{1}{2}}
-    # is returned whole.
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        i = start + len("\\boxed{")
-        depth = 1
-        j = i
-        while j < len(text):
-            c = text[j]
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i:j]
-            j += 1
-        # Unclosed (e.g. generation cut off): fall back to an earlier box.
-        start = text.rfind("\\boxed{", 0, start)
-    return None
-
-
-def extract_answer(text: str, pattern: str | None = None) -> str | None:
-    """The final answer in ``text``, stripped, or ``None`` if there is none.
-
-    Default: the content of the last complete ``\\boxed{...}``. With
-    ``pattern`` (a regex with exactly one group): that group of the last match.
-    """
-    if pattern is None:
-        ans = _last_boxed(text)
-    else:
-        rx = re.compile(pattern)
-        if rx.groups != 1:
-            raise ValueError(f"answer pattern must have exactly one group, got {rx.groups}: {pattern!r}")
-        matches = list(rx.finditer(text))
-        ans = matches[-1].group(1) if matches else None
-    return None if ans is None else ans.strip()
 
 
 def answer_accuracy(

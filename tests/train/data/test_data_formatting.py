@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from train.data.formatting import format_record, record_kind, tokenize_record
-from train.data.tokenizers import ByteTokenizer
+from zaya_jax.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -10,7 +10,7 @@ import pytest
 
 from train.data.pipeline import make_dataset, pipeline_counters, trim_counters
 from train.data.sources import JsonlSource, NumpyTokenSource, SyntheticSource
-from train.data.tokenizers import ByteTokenizer
+from zaya_jax.tokenizers import ByteTokenizer
 
 TOK = ByteTokenizer()
 KEYS = {"tokens", "segment_ids", "positions", "loss_mask", "targets", "target_mask"}

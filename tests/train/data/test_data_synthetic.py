@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from train.data.synthetic import answer_accuracy, extract_answer, generate_problems, problem_at
+from train.data.synthetic import answer_accuracy, generate_problems, problem_at
 
 _STEP = re.compile(r"^(\d+) ([+\-*]) (\d+) = (\d+)$")
 
@@ -78,23 +78,6 @@ def test_bad_split_and_n():
         generate_problems(3, seed=0, split="test")
     with pytest.raises(ValueError):
         generate_problems(-1, seed=0)
-
-
-def test_extract_answer_default_last_boxed():
-    assert extract_answer("first \\boxed{12} then \\boxed{58}.") == "58"
-    assert extract_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert extract_answer("\\boxed{ 7 }") == "7"
-    assert extract_answer("no answer here") is None
-    # A cut-off final box falls back to the last complete one.
-    assert extract_answer("\\boxed{5} and then \\boxed{7") == "5"
-    assert extract_answer("\\boxed{") is None
-
-
-def test_extract_answer_custom_pattern():
-    assert extract_answer("Answer: 3\nAnswer: 4", r"Answer: (\d+)") == "4"
-    assert extract_answer("nothing", r"Answer: (\d+)") is None
-    with pytest.raises(ValueError, match="one group"):
-        extract_answer("x", r"Answer: \d+")
 
 
 def test_answer_accuracy():

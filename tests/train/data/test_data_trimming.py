@@ -12,7 +12,7 @@ import random
 import pytest
 
 from train.data.formatting import TokenizedSample, Turn, tokenize_record
-from train.data.tokenizers import ByteTokenizer
+from zaya_jax.tokenizers import ByteTokenizer
 from train.data.trimming import TrimCounters, trim_sample
 
 

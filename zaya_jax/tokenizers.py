@@ -253,3 +253,11 @@ def load_tokenizer(spec: str | os.PathLike | None) -> ByteTokenizer | HFTokenize
         # HFTokenizer raises FileNotFoundError naming the path if it is absent.
         return HFTokenizer(path)
     raise ValueError(f"unknown tokenizer spec {spec!r}: expected None, 'byte' or a path to tokenizer.json")
+
+
+def reasoning_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
+    """The ids that open a reasoning turn, ``<bos> prompt "\\n" <think>``: the training format of
+    train/data/formatting.py up to the start of the reasoning (pieces tokenised separately, as there).
+    ``prompt`` is text, or ids already tokenised (the aggregation prompts of zaya_jax.rsa)."""
+    body = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    return [tokenizer.bos_id, *body, *tokenizer.encode("\n"), tokenizer.think_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from zaya_jax.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
 
 
 def test_byte_ids_are_the_documented_layout():
