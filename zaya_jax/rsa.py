@@ -143,9 +143,9 @@ def reasoning_tail(ids: Sequence[int], tokenizer: Tokenizer, tail: int) -> list[
     return ids[-tail:] if ids else []
 
 
-def aggregation_prompt(question: str, tails: Sequence[Sequence[int]], tokenizer: Tokenizer,
-                       fmt: AggregationFormat = PAPER_FORMAT) -> list[int]:
-    """Token ids of the aggregation prompt for `question` and candidate `tails` (one tail: the refine variant)."""
+def aggregation_message(question: str, tails: Sequence[Sequence[int]], tokenizer: Tokenizer,
+                        fmt: AggregationFormat = PAPER_FORMAT) -> list[int]:
+    """Token ids of the aggregation message for `question` and candidate `tails` (one tail: the refine variant)."""
     one = len(tails) == 1
     pieces: list[str | Sequence[int]] = [
         fmt.instruction_one if one else fmt.instruction_many, fmt.problem_header, question.strip() + "\n",
@@ -159,7 +159,13 @@ def aggregation_prompt(question: str, tails: Sequence[Sequence[int]], tokenizer:
     body: list[int] = []
     for k, piece in enumerate(p for p in pieces if len(p) > 0):
         body += ([*newline] if k else []) + (tokenizer.encode(piece) if isinstance(piece, str) else list(piece))
-    return reasoning_prompt(tokenizer, body)
+    return body
+
+
+def aggregation_prompt(question: str, tails: Sequence[Sequence[int]], tokenizer: Tokenizer,
+                       fmt: AggregationFormat = PAPER_FORMAT) -> list[int]:
+    """The aggregation message in the reasoning-turn format: what an aggregation round decodes from."""
+    return reasoning_prompt(tokenizer, aggregation_message(question, tails, tokenizer, fmt))
 
 
 def prompt_capacity(question: str, tokenizer: Tokenizer, config: RSAConfig) -> int:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from train.data.formatting import record_kind
-from train.data.synthetic import problem_at
+from train.data.synthetic import aggregation_problem_at, problem_at
 
 _MAX_LOCATIONS = 100
 PathLike = str | os.PathLike
@@ -238,15 +238,18 @@ class NumpyTokenSource:
 
 
 class SyntheticSource:
-    """``synthetic.problem_at(i, seed, split)`` for i < size (size None: infinite)."""
+    """``synthetic.problem_at(i, seed, split)`` for i < size (size None: infinite); with ``aggregation=True``,
+    ``synthetic.aggregation_problem_at`` (half plain problems, half RSA aggregation records)."""
 
-    def __init__(self, seed: int = 0, split: str = "train", size: int | None = None) -> None:
+    def __init__(self, seed: int = 0, split: str = "train", size: int | None = None,
+                 aggregation: bool = False) -> None:
         if size is not None and size <= 0:
             raise ValueError(f"synthetic source size must be positive, got {size}")
         problem_at(0, seed, split)  # validates seed and split early
         self.seed = seed
         self.split = split
         self.size = size
+        self.aggregation = aggregation
 
     @property
     def infinite(self) -> bool:
@@ -260,10 +263,11 @@ class SyntheticSource:
         i = int(index)
         if i < 0 or (self.size is not None and i >= self.size):
             raise IndexError(f"record {i} out of range for {len(self)} records")
-        return problem_at(i, self.seed, self.split)
+        return (aggregation_problem_at if self.aggregation else problem_at)(i, self.seed, self.split)
 
     def __repr__(self) -> str:
-        return f"SyntheticSource(seed={self.seed}, split={self.split!r}, size={self.size})"
+        return (f"SyntheticSource(seed={self.seed}, split={self.split!r}, size={self.size}, "
+                f"aggregation={self.aggregation})")
 
 
 def open_source(
@@ -272,15 +276,16 @@ def open_source(
     """Build a source from a config string.
 
     ``"synthetic"`` / ``"synthetic:heldout"`` / ``"synthetic:train:1000"``
-    (split and size optional) or a file path ending in ``.jsonl``/``.json``,
+    (split and size optional), the same with ``"synthetic-rsa"`` (RSA aggregation records mixed in), or a file path ending in ``.jsonl``/``.json``,
     ``.arrayrecord``/``.array_record``, or ``.npy``.
     """
     s = os.fspath(spec)
-    if s == "synthetic" or s.startswith("synthetic:"):
-        parts = s.split(":")[1:]
+    kind, _, rest = s.partition(":")
+    if kind in ("synthetic", "synthetic-rsa"):
+        parts = rest.split(":") if rest else []
         split = parts[0] if parts and parts[0] else "train"
         size = int(parts[1]) if len(parts) > 1 else None
-        return SyntheticSource(seed=seed, split=split, size=size)
+        return SyntheticSource(seed=seed, split=split, size=size, aggregation=kind == "synthetic-rsa")
     suffix = Path(s).suffix
     if suffix in (".jsonl", ".json"):
         return JsonlSource(s, on_error=on_error)
@@ -289,5 +294,5 @@ def open_source(
     if suffix == ".npy":
         return NumpyTokenSource(s, eos_id=eos_id)
     raise ValueError(
-        f"cannot tell the source type of {spec!r} (want synthetic[:split[:size]], .jsonl, .arrayrecord, .npy)"
+        f"cannot tell the source type of {spec!r} (want synthetic[-rsa][:split[:size]], .jsonl, .arrayrecord, .npy)"
     )

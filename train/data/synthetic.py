@@ -19,6 +19,16 @@ construction: every problem text is assigned to one split by a stable hash of
 its prompt, and each split's generator resamples until it lands in its own
 bucket. So no seed choice can leak a held-out problem into training.
 
+``aggregation_problem_at`` turns problem ``i`` into supervised data for
+Markovian RSA, as ZAYA1's SFT did (reference section 5.4: aggregation
+prompts built from several rollouts' tails, the correct solution as the
+target): half of the records stay plain; the other half carry 1..3
+candidate traces, each the correct one or a corrupted one (one step's result
+off by 1..3, the later steps recomputed from it, so the final answer is
+wrong), whose last ``AGGREGATION_TAIL`` characters go into a compact-format
+aggregation prompt (``zaya_jax.rsa.COMPACT_FORMAT``). The target is the
+problem's own trace and answer.
+
 Also here: ``answer_accuracy`` (exact-match rate of answers extracted by
 ``zaya_jax.answers.extract_answer``).
 """
@@ -97,6 +107,43 @@ def problem_at(index: int, seed: int, split: str = "train") -> dict[str, str]:
         if _split_of_prompt(rec["prompt"]) == split:
             return rec
     raise RuntimeError("synthetic generator failed to draw a problem for the split")  # pragma: no cover
+
+
+AGGREGATION_TAIL = 32  # characters (= tokens for the byte tokenizer) of each candidate's reasoning
+AGGREGATION_CANDIDATES = (1, 2, 3)
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def corrupt_trace(thinking: str, rng: np.random.Generator) -> str:
+    """The trace with one step's result off by 1..3 and every later step recomputed from the wrong value."""
+    steps = [line.split(" ") for line in thinking.split("\n")]  # [a, op, b, "=", c]
+    k = int(rng.integers(len(steps)))
+    value = None
+    for j, (a, op, b, _, c) in enumerate(steps):
+        a = int(a) if value is None else value
+        value = _OPS[op](a, int(b))
+        if j == k:
+            value += int(rng.choice([-3, -2, -1, 1, 2, 3]))
+        steps[j] = [str(a), op, b, "=", str(value)]
+    return "\n".join(" ".join(step) for step in steps)
+
+
+def aggregation_problem_at(index: int, seed: int, split: str = "train") -> dict[str, str]:
+    """Problem ``index`` of ``split``, as a plain record or an RSA aggregation record (module docstring)."""
+    from zaya_jax.rsa import COMPACT_FORMAT, aggregation_message  # noqa: PLC0415  (model package; import on use)
+    from zaya_jax.tokenizers import ByteTokenizer  # noqa: PLC0415
+
+    problem = problem_at(index, seed, split)
+    rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index, 1])
+    if rng.random() < 0.5:
+        return problem
+    count = int(rng.choice(AGGREGATION_CANDIDATES))
+    candidates = [problem["thinking"] if rng.random() < 0.5 else corrupt_trace(problem["thinking"], rng)
+                  for _ in range(count)]
+    tokenizer = ByteTokenizer()
+    tails = [tokenizer.encode(c[-AGGREGATION_TAIL:]) for c in candidates]
+    message = aggregation_message(problem["prompt"], tails, tokenizer, COMPACT_FORMAT)
+    return {"prompt": tokenizer.decode(message), "thinking": problem["thinking"], "answer": problem["answer"]}
 
 
 def generate_problems(n: int, seed: int, split: str = "train") -> list[dict[str, str]]:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
-from train.data.synthetic import answer_accuracy, generate_problems, problem_at
+from train.data.synthetic import (
+    aggregation_problem_at,
+    answer_accuracy,
+    corrupt_trace,
+    generate_problems,
+    problem_at,
+)
 
 _STEP = re.compile(r"^(\d+) ([+\-*]) (\d+) = (\d+)$")
 
@@ -86,3 +93,45 @@ def test_answer_accuracy():
     assert answer_accuracy(preds, records) == 0.5
     with pytest.raises(ValueError):
         answer_accuracy(preds[:2], records)
+
+
+def _line_holds(line: str) -> bool:
+    a, op, b, _, c = line.split(" ")
+    return {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c)
+
+
+def test_corrupt_trace_breaks_exactly_one_step_and_carries_the_error():
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        thinking = problem_at(i, seed=2)["thinking"]
+        bad = corrupt_trace(thinking, rng).split("\n")
+        good = thinking.split("\n")
+        assert len(bad) == len(good)
+        assert sum(not _line_holds(line) for line in bad) == 1
+        assert bad[-1].split(" ")[-1] != good[-1].split(" ")[-1]  # the final value is wrong
+        for prev, line in zip(bad, bad[1:]):  # each step starts from the previous (wrong) result
+            assert line.split(" ")[0] == prev.split(" ")[-1]
+
+
+def test_aggregation_records_mix_plain_and_aggregation_prompts_with_the_true_target():
+    records = [aggregation_problem_at(i, seed=1) for i in range(200)]
+    assert records == [aggregation_problem_at(i, seed=1) for i in range(200)]  # a pure function of the index
+    aggregated = 0
+    for i, record in enumerate(records):
+        plain = problem_at(i, seed=1)
+        assert (record["thinking"], record["answer"]) == (plain["thinking"], plain["answer"])
+        if record["prompt"] == plain["prompt"]:
+            continue
+        aggregated += 1
+        assert record["prompt"].startswith(("Aggregate:\nProblem:\n", "Refine:\nProblem:\n"))
+        assert f"\n{plain['prompt']}\n" in record["prompt"] and record["prompt"].endswith("\nSolve:")
+        tails = re.findall(r"-- \d --(.*?)\n\n", record["prompt"], flags=re.S)
+        assert 1 <= len(tails) <= 3 and all(len(t) <= 32 for t in tails)
+    assert 70 <= aggregated <= 130
+
+
+def test_synthetic_rsa_source_spec():
+    from train.data.sources import open_source
+
+    source = open_source("synthetic-rsa:train:5", seed=1)
+    assert len(source) == 5 and source[3] == aggregation_problem_at(3, seed=1)
