@@ -16,6 +16,7 @@ import jax
 
 from sharding.multihost import WATCHDOG_EXIT_CODE, detect_settings, initialize
 from train.config import TrainConfig, load_train_config
+from zaya_jax.cli import BackendUnavailable, require_backend
 
 
 def _fail(prog: str, error: BaseException) -> int:
@@ -44,6 +45,10 @@ def train_main(argv: list[str] | None = None) -> int:
         initialize(settings, init_timeout_s=args.init_timeout, heartbeat_timeout_s=heartbeat)
     except Exception as e:  # noqa: BLE001 - jax raises several types; the user needs the one line either way
         return _fail("zaya-train", f"could not join the multi-host run ({settings}): {e}")
+    try:
+        require_backend()  # after jax.distributed.initialize, which must come before any device query
+    except BackendUnavailable as e:
+        return _fail("zaya-train", e)
 
     from train.loop import BadStepsError, run_training
 
@@ -88,8 +93,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
     try:
+        require_backend()
         export_run(args.checkpoint, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-export", e)
     print(f"wrote {args.out}")
     return 0

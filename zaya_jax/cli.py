@@ -40,9 +40,9 @@ def forward_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_preset(args.config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"zaya-forward: error: {e}", file=sys.stderr)
-        return 2
+        require_backend()
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
+        return _fail("zaya-forward", e)
 
     counts = parameter_counts(config)
     print(f"config: {args.config}  layers={config.num_layers} hidden={config.hidden_size} "
@@ -68,6 +68,24 @@ def forward_main(argv: list[str] | None = None) -> int:
     print(f"expert load (all layers, last = skip): {np.round(loads, 3).tolist()}")
     print(f"first call (compile + run) {compile_and_run:.2f}s, second call {run * 1e3:.1f} ms on {jax.devices()[0].platform}")
     return 0
+
+
+class BackendUnavailable(RuntimeError):
+    """JAX cannot start the backend the environment asks for (e.g. JAX_PLATFORMS=cuda on a machine without one)."""
+
+
+def require_backend() -> None:
+    """Starts JAX's backend, or raises BackendUnavailable with one line naming what was asked for."""
+    try:
+        jax.devices()
+    except Exception as e:  # noqa: BLE001 - a RuntimeError, or for a missing plugin a bare AssertionError
+        asked = os.environ.get("JAX_PLATFORMS", "")
+        wanted = f"JAX_PLATFORMS={asked!r}" if asked else "the default platform"
+        detail = f" ({type(e).__name__}: {e})" if str(e) else ""
+        raise BackendUnavailable(
+            f"JAX could not start a backend for {wanted}: this machine has no such device or its plugin is not "
+            f"installed{detail}; unset JAX_PLATFORMS to run on what is here, or install jax[cuda12] / jax[tpu]"
+        ) from None
 
 
 def _fail(prog: str, error: BaseException) -> int:
@@ -148,6 +166,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     _sampling_arguments(parser, temperature=0.0)
     args = parser.parse_args(argv)
     try:
+        require_backend()
         model, tokenizer = load_for_inference(args.model, args.tokenizer, args.step)
         prompts = [tokenizer.encode(p) if args.raw else reasoning_prompt(tokenizer, p) for p in args.prompt]
         stream = _TextStream(tokenizer) if len(prompts) == 1 else None
@@ -159,7 +178,7 @@ def generate_main(argv: list[str] | None = None) -> int:
                                  top_p=args.top_p, seed=args.seed,
                                  **({"on_tokens": stream} if stream is not None else {}))
         seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-generate", e)
     if stream is not None:
         print(tokenizer.decode(generated[0])[len(stream.printed):])
@@ -197,6 +216,7 @@ def rsa_main(argv: list[str] | None = None) -> int:
                            budget=args.budget, tail=args.tail, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, prompt_format=args.format, answer_pattern=args.answer_pattern,
                            batch_size=args.batch_size, seed=args.seed)
+        require_backend()
         model, tokenizer = load_for_inference(args.model, args.tokenizer, args.step)
         if args.synthetic is not None:
             from train.data.synthetic import generate_problems
@@ -207,7 +227,7 @@ def rsa_main(argv: list[str] | None = None) -> int:
         else:
             texts, references = args.question, None
         result = markovian_rsa(model, tokenizer, texts, config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-rsa", e)
     print("round  rows  prompt_max  generated  finished  answered  agreement  cache_slots  seconds")
     for r in result.rounds:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from zaya_jax.cli import forward_main, generate_main, rsa_main
 from zaya_jax.tokenizers import ByteTokenizer, reasoning_prompt
 
 TOK = ByteTokenizer()
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +93,14 @@ def test_rsa_errors_are_one_line_and_exit_2(exported, capsys):
     assert rsa_main(["--model", path, "--tokenizer", "byte", "--question", "q", "-N", "2", "-C", "3"]) == 2
     err = capsys.readouterr().err
     assert "RSAConfig.candidates = 3 must be in [1, population=2]" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["zaya_jax.cli"], ["train.cli", "--config", "configs/tiny.yaml"]])
+def test_asking_for_a_gpu_on_a_machine_without_one_is_one_line_and_exit_2(command):
+    env = {**os.environ, "JAX_PLATFORMS": "cuda"}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert "JAX could not start a backend for JAX_PLATFORMS='cuda'" in done.stderr
