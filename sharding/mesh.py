@@ -19,10 +19,10 @@ from sharding.rules import MESH_AXES
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1
-    fsdp: int = 1
-    expert: int = 1
-    tensor: int = 1
+    data: int = -1  # data-parallel ways (-1: every device the other axes leave)
+    fsdp: int = 1  # ways parameters and optimizer state are sharded (ZeRO-3 style), batch split too
+    expert: int = 1  # ways the experts are split (expert parallelism); the batch is split over it as well
+    tensor: int = 1  # tensor-parallel ways (hidden and head dimensions of the matrices)
 
     def __post_init__(self) -> None:
         sizes = [getattr(self, a) for a in MESH_AXES]

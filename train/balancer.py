@@ -40,12 +40,12 @@ import jax.numpy as jnp
 class BalancerConfig:
     """Hyper-parameters of the router-bias balancer (see the module docstring for the update rule)."""
 
-    enabled: bool = True
-    lr: float = 1e-3
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    enabled: bool = True  # update the router balancing biases every step (False: they stay as loaded)
+    lr: float = 1e-3  # AdamW learning rate of the bias update (error = expert fraction - 1/E)
+    b1: float = 0.9  # first-moment decay of the bias update
+    b2: float = 0.999  # second-moment decay of the bias update
+    eps: float = 1e-8  # epsilon of the bias update
+    weight_decay: float = 0.0  # decay of the biases towards 0
     include_skip: bool = False  # balance the skip class too (fractions over E + 1 classes, target 1/(E + 1))
 
     def __post_init__(self) -> None:

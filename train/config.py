@@ -28,15 +28,15 @@ from zaya_jax.config import ZayaConfig, load_yaml
 class DataConfig:
     source: str = "synthetic"  # "synthetic[:split[:size]]", a .jsonl / .arrayrecord / .npy path
     tokenizer: str = "byte"  # "byte" (built in) or a path to a tokenizer.json
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per packed row
     completion_only: bool = True  # loss on thinking + answer only (False: on every token)
     trim: bool = True  # answer-preserving trimming of samples longer than seq_len
     on_error: str = "raise"  # malformed records: "raise" or "skip" (counted)
-    pack_buffer_size: int = 256
+    pack_buffer_size: int = 256  # documents buffered for first-fit-decreasing packing
     read_shards: int = 0  # independent reader pipelines making up the global batch; 0 = one per process
-    eval_source: str = "synthetic:heldout"
-    eval_samples: int = 64
-    eval_max_new_tokens: int = 96
+    eval_source: str = "synthetic:heldout"  # held-out source for the end-of-run answer accuracy
+    eval_samples: int = 64  # held-out problems decoded greedily at the end of the run; 0 = no evaluation
+    eval_max_new_tokens: int = 96  # decode budget per held-out problem
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -54,15 +54,15 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    steps: int = 300
+    steps: int = 300  # optimizer steps of the run
     batch_size: int = 16  # global batch (rows of seq_len tokens), split over accumulation_steps micro-batches
-    accumulation_steps: int = 1
-    seed: int = 0
-    run_dir: str = "runs/tiny"
-    log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 3
-    async_checkpoints: bool = True
+    accumulation_steps: int = 1  # micro-batches per step (gradient accumulation)
+    seed: int = 0  # seed of the initialisation and of the data order
+    run_dir: str = "runs/tiny"  # where config.yaml, metrics.jsonl, the plots and checkpoints/ go
+    log_every: int = 10  # steps between metric records and progress updates
+    save_every: int = 100  # steps between checkpoints (the last step is always saved)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    async_checkpoints: bool = True  # write checkpoints in the background while training continues
     z_loss: float = 0.0  # weight of mean(logsumexp^2); 0 disables
     max_consecutive_bad_steps: int = 5  # non-finite loss: skip the step; stop after this many in a row
     init_from: str = ""  # a transformers-format directory to fine-tune from (load_pretrained)
@@ -180,3 +180,29 @@ def _tuple_lists(value: Any) -> Any:
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def config_reference() -> list[tuple[str, str, str, str, str]]:
+    """(section, key, type, default, description) for every key of every section, read from the dataclasses'
+    source: a field's trailing comment, else the comment lines right above it. The source of docs/configuration.md
+    (scripts/config_docs.py writes it; a test fails when the two differ or a key has no description)."""
+    import inspect
+    import re
+
+    field_line = re.compile(r"^    (\w+): ([^=]+?) = (.+?)(?:\s+#\s*(.*))?$")
+    rows = []
+    for section, cls in SECTIONS.items():
+        defaults = {f.name: f for f in dataclasses.fields(cls)}
+        above: list[str] = []
+        for line in inspect.getsource(cls).splitlines():
+            stripped = line.strip()
+            if line.startswith("    #"):
+                above.append(stripped.lstrip("# "))
+                continue
+            match = field_line.match(line)
+            if match and match.group(1) in defaults:
+                name, type_name, default, trailing = match.groups()
+                description = trailing or " ".join(above)
+                rows.append((section, name, type_name.strip(), default.strip(), description))
+            above = [] if not line.startswith("    #") else above
+    return rows

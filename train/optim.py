@@ -61,18 +61,18 @@ class OptimizerConfig:
     """Optimizer, schedule and clipping settings (see the module docstring for what each one does)."""
 
     name: str = "adamw"  # "adamw" | "muon"
-    lr: float = 3e-4
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    lr: float = 3e-4  # peak learning rate
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (matrices; norms, biases and scales are not decayed)
     schedule: str = "cosine"  # "cosine" | "wsd" | "constant"
-    warmup_steps: int = 100
-    total_steps: int = 1000
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    total_steps: int = 1000  # length of the schedule (usually train.steps)
+    min_lr_ratio: float = 0.1  # the schedule ends at min_lr_ratio * lr
     decay_fraction: float = 0.2  # "wsd": the final fraction of total_steps that decays to min_lr_ratio * lr
-    clip_norm: float | None = 1.0
-    muon_momentum: float = 0.95
+    clip_norm: float | None = 1.0  # global-norm gradient clipping; None disables
+    muon_momentum: float = 0.95  # Muon's momentum ("muon" only)
     muon_consistent_rms: float | None = 0.2  # None: Keller Jordan's sqrt(max(1, fan_out / fan_in)) scale instead
     # Matrices kept on AdamW under "muon": embeddings (sparse rows) and the depthwise conv taps (per channel, no map).
     adamw_path_keywords: tuple[str, ...] = ("embed", "lm_head", "conv_depthwise")

@@ -31,37 +31,37 @@ class ZayaConfig:
     Field names say what a thing is; the transformers name is given where it differs.
     """
 
-    vocab_size: int = 262272
-    hidden_size: int = 2048
+    vocab_size: int = 262272  # token ids the embedding and the tied LM head cover
+    hidden_size: int = 2048  # width of the residual stream
     num_layers: int = 40  # num_hidden_layers; each layer = CCA attention + MoE
     query_heads: int = 8  # num_attention_heads (real query heads inside the compressed latent)
-    kv_heads: int = 2  # num_key_value_heads
-    head_dim: int = 128
+    kv_heads: int = 2  # KV heads, each shared by query_heads / kv_heads query heads (num_key_value_heads)
+    head_dim: int = 128  # dimension of each query and KV head inside the compressed latent
     num_experts: int = 16  # real experts; the router scores num_experts + 1 classes (last = skip)
     experts_per_token: int = 1  # num_experts_per_tok; ZAYA1 routes top-1
     expert_hidden_size: int = 2048  # moe_intermediate_size (per expert; gate+up fused is twice this)
-    router_hidden_size: int = 256
-    conv_kernel_depthwise: int = 2  # cca_time0
-    conv_kernel_grouped: int = 2  # cca_time1
-    rope_theta: float = 5_000_000.0
+    router_hidden_size: int = 256  # width of the router MLP (the down-projection target)
+    conv_kernel_depthwise: int = 2  # kernel of the depthwise causal conv over [q | k] (cca_time0)
+    conv_kernel_grouped: int = 2  # kernel of the grouped (per-head) causal conv that follows (cca_time1)
+    rope_theta: float = 5_000_000.0  # RoPE base frequency (5e6 for ZAYA1-8B, 1e6 for ZAYA1-base)
     rotary_fraction: float = 0.5  # partial_rotary_factor: RoPE on the first head_dim * fraction dims of each head
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 131072
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
-    bos_token_id: int | None = 2
-    eos_token_id: int | tuple[int, ...] | None = 106
-    pad_token_id: int | None = 0
+    rms_norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    max_position_embeddings: int = 131072  # longest sequence (prompt + generated) the model accepts
+    tie_word_embeddings: bool = True  # the LM head is the embedding matrix transposed
+    initializer_range: float = 0.02  # standard deviation of the normal initialisation of matrices
+    bos_token_id: int | None = 2  # beginning-of-sequence id (written to config.json)
+    eos_token_id: int | tuple[int, ...] | None = 106  # end id(s): generate() stops on these by default
+    pad_token_id: int | None = 0  # id written after a row stops in generate(); padding positions are always masked
     # Numerics and implementation choices (not part of transformers' config.json).
-    param_dtype: DTypeName = "float32"
+    param_dtype: DTypeName = "float32"  # dtype of the stored parameters (float32 master weights in training)
     dtype: DTypeName = "float32"  # compute dtype; the residual stream, softmaxes and logits stay float32
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # attention kernel: "xla" (the reference path)
     # "sorted": tokens sorted by expert + grouped matmul; "dense": every expert (the reference);
     # "expert_parallel": experts split over the mesh's expert axis, tokens moved by `expert_parallel_transport`.
     moe_impl: str = "sorted"
     expert_parallel_transport: str = "all_to_all"  # "all_to_all" | "all_gather" | "ragged_all_to_all"
     expert_capacity_factor: float | None = None  # all_to_all only; None = dropless, else dropped tokens are counted
-    remat_policy: str = "none"
+    remat_policy: str = "none"  # rematerialisation of each layer in the backward pass: "none" | "full" | "dots" | "dots_no_batch"
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, list):
