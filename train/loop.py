@@ -173,9 +173,12 @@ def abstract_like(state: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None) -> RunSummary:
+def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None,
+                 on_log: Callable[[dict[str, list]], None] | None = None) -> RunSummary:
     """Runs (or resumes) the configured training. `stop_after` ends the run early after that many steps of this
-    invocation, as a preemption would (a checkpoint is written), which the resume tests use."""
+    invocation, as a preemption would (a checkpoint is written), which the resume tests use. `on_log(history)` is
+    called on the primary process after every logged step with the lists so far ("step", "loss", "expert_load"
+    [L, E] per entry, "balancing_bias", "routing_entropy"): live plots in a notebook."""
     start_time = time.perf_counter()
     run = cfg.train
     os.makedirs(run.run_dir, exist_ok=True)
@@ -271,6 +274,8 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
                 history["expert_load"].append(np.asarray(host["expert_load"]))
                 history["balancing_bias"].append(np.asarray(host["balancing_bias"]))
                 history["routing_entropy"].append(np.asarray(host["routing_entropy"]))
+                if on_log is not None and primary:
+                    on_log(history)
             if consecutive_bad >= run.max_consecutive_bad_steps:
                 checkpointer.wait()
                 raise BadStepsError(
