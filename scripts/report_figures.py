@@ -1,7 +1,7 @@
 """Prints the figures quoted in closing notes: parity errors against transformers, compile times of the tiny preset,
 per-device parameter bytes on the test meshes, and the balancer test's entropy curve.
 
-    PYTHONPATH=. python scripts/report_figures.py parity|compile|bytes|balancer
+    PYTHONPATH=. python scripts/report_figures.py parity|compile|bytes|balancer|kernels
 
 Run from the repository root with the test extras installed; it reuses the test suite's fixtures (8 virtual CPU
 devices via tests/conftest.py).
@@ -109,5 +109,42 @@ def balancer() -> None:
               f"mean of the last 50 steps per layer {np.round(entropy[-50:].mean(0), 3).tolist()}")
 
 
+def kernels() -> None:
+    from tests.zaya_jax.test_kernels import POISONED, _inputs, _packed_segments, _rel
+    from zaya_jax.attention import xla_attention
+    from zaya_jax.kernels.decode_attention import decode_attention
+    from zaya_jax.kernels.flash_attention import flash_attention
+
+    segments = _packed_segments(2, 37)
+    index = jnp.broadcast_to(jnp.arange(37), (2, 37))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, k, v = _inputs(dtype)
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+        flash = lambda *a: flash_attention(*a, 16, 8, POISONED)  # noqa: E731
+        loss = lambda fn, *a: jnp.sum(fn(*a, segments, segments, index, index).astype(jnp.float32) * w)  # noqa: E731
+        fwd = _rel(flash(q, k, v, segments, segments, index, index), xla_attention(*f32, segments, segments, index,
+                                                                                  index))
+        got = jax.grad(lambda *a: loss(flash, *a), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(lambda *a: loss(xla_attention, *a), argnums=(0, 1, 2))(*f32)
+        print(f"flash attention {jnp.dtype(dtype).name} (B2 S37 Hq4 Hkv2 D16, tiles 16x8, 3 segments + padding): "
+              f"forward {fwd:.2e}; grads q {_rel(got[0], want[0]):.2e} k {_rel(got[1], want[1]):.2e} "
+              f"v {_rel(got[2], want[2]):.2e}")
+        rng = np.random.default_rng(3)
+        qd = jnp.asarray(rng.normal(size=(3, 4, 16)), dtype)
+        kc = jnp.asarray(rng.normal(size=(3, 2, 21, 16)), dtype)
+        vc = jnp.asarray(rng.normal(size=(3, 2, 21, 16)), dtype)
+        valid = np.zeros((3, 21), np.int32)
+        valid[:, :14] = 1
+        valid[0, :4] = 0
+        valid = jnp.asarray(valid)
+        got = decode_attention(qd, kc, vc, valid, jnp.int32(13), block_k=8, interpret=POISONED)
+        ref = xla_attention(qd.astype(jnp.float32)[:, None], kc.astype(jnp.float32).transpose(0, 2, 1, 3),
+                            vc.astype(jnp.float32).transpose(0, 2, 1, 3), jnp.ones((3, 1), jnp.int32), valid,
+                            jnp.full((3, 1), 13), jnp.broadcast_to(jnp.arange(21), (3, 21)))[:, 0]
+        print(f"decode attention {jnp.dtype(dtype).name} (B3 T21 position 13, tiles of 8): {_rel(got, ref):.2e}")
+
+
 if __name__ == "__main__":
-    {"parity": parity, "compile": compile_times, "bytes": device_bytes, "balancer": balancer}[sys.argv[1]]()
+    {"parity": parity, "compile": compile_times, "bytes": device_bytes, "balancer": balancer,
+     "kernels": kernels}[sys.argv[1]]()

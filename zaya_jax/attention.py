@@ -2,16 +2,26 @@
 
     attend(q [B, S, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D], q_segments [B, S], kv_segments [B, T],
            q_index [B, S], kv_index [B, T], impl) -> [B, S, Hq, D]
+    attend_cached(q [B, S, Hq, D], k_cache [B, Hkv, T, D], v_cache [B, Hkv, T, D], q_segments [B, S],
+                  valid [B, T], start: int32 [], impl) -> [B, S, Hq, D]      S new tokens at slots start..start+S-1
 
 Query head h reads KV head h // (Hq // Hkv). A query attends to a key when both carry the same segment id (packed
 documents and left padding never mix) and the key's sequence index is not later than the query's (causal; sequence
 indices, not RoPE positions, which restart per packed document). Scores are scaled by 1/sqrt(D); softmax runs in
-float32. `impl="xla"` is the plain reference every kernel is
-tested against; kernels register further implementations in `ATTENTION_IMPLS`.
+float32.
+
+Implementations (`ZayaConfig.attention_impl`):
+    xla     the plain reference every kernel is tested against (materialises the [S, T] scores)
+    pallas  zaya_jax/kernels: flash attention (forward + backward) for sequences, decode attention for one new
+            token against the cache. Needs a GPU or TPU; on CPU only with ZAYA_PALLAS_INTERPRET=1 (the Pallas
+            interpreter, slow: what the tests use).
+    cudnn   jax.nn.dot_product_attention(implementation="cudnn") with the segment/causal mask; needs a CUDA GPU.
+Asking for one on a backend that lacks it is a ValueError naming the backend.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
@@ -46,7 +56,37 @@ def xla_attention(
     return out.reshape(batch, seq, q_heads, head_dim).astype(q.dtype)
 
 
-ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention}
+def _pallas_interpret(impl: str):
+    """False on GPU/TPU; the interpreter's settings on CPU when ZAYA_PALLAS_INTERPRET=1; else an error."""
+    backend = jax.default_backend()
+    if backend in ("gpu", "tpu"):
+        return False
+    if os.environ.get("ZAYA_PALLAS_INTERPRET") == "1":
+        from jax.experimental.pallas import tpu as pltpu
+
+        # Memory the kernel does not write reads as NaN, so an unwritten output element cannot pass a test.
+        return pltpu.InterpretParams(uninitialized_memory="nan")
+    raise ValueError(f"attention_impl {impl!r} runs Pallas kernels, which need a GPU or TPU; this process runs on "
+                     f"{backend} (set ZAYA_PALLAS_INTERPRET=1 to run them in the Pallas interpreter, slowly)")
+
+
+def pallas_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax.Array:
+    from zaya_jax.kernels.flash_attention import flash_attention
+
+    interpret = _pallas_interpret("pallas")
+    block = 16 if interpret is not False else 128  # small tiles keep the interpreter's per-tile overhead bounded
+    return flash_attention(q, k, v, q_segments, kv_segments, q_index, kv_index, block, block, interpret)
+
+
+def cudnn_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax.Array:
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention_impl 'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()}")
+    allowed = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_index[:, None, :] <= q_index[:, :, None])
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
+
+
+ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention, "pallas": pallas_attention,
+                                           "cudnn": cudnn_attention}
 
 
 def attend(
@@ -62,3 +102,20 @@ def attend(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {impl!r} is not available; available: {', '.join(ATTENTION_IMPLS)}")
     return ATTENTION_IMPLS[impl](q, k, v, q_segments, kv_segments, q_index, kv_index)
+
+
+def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_segments: jax.Array, valid: jax.Array,
+                  start: jax.Array, impl: str = "xla") -> jax.Array:
+    """S new tokens (already written at slots start..start+S-1) against the cache; see the module docstring."""
+    batch, seq = q.shape[:2]
+    if impl == "pallas" and seq == 1:
+        from zaya_jax.kernels.decode_attention import decode_attention
+
+        interpret = _pallas_interpret(impl)
+        out = decode_attention(q[:, 0], k_cache, v_cache, valid, start, block_k=16 if interpret is not False else 128,
+                               interpret=interpret)
+        return out[:, None]
+    q_index = jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))
+    kv_index = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
+    return attend(q, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3), q_segments, valid, q_index,
+                  kv_index, impl)

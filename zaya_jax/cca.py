@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zaya_jax.attention import attend
+from zaya_jax.attention import attend, attend_cached
 from zaya_jax.cache import LayerCache
 from zaya_jax.config import ZayaConfig
 from zaya_jax.layers import apply_partial_rope, compute_dtype, constant_param, dense_init, rotary_embedding
@@ -166,11 +166,7 @@ class CCAttention(nnx.Module):
         q, k, v, (conv, value) = self.project(x, segment_ids, positions, cache.conv, cache.value)
         keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start, 2)
         values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start, 2)
-        b, t = valid.shape
-        q_index = jnp.broadcast_to(start + jnp.arange(s), (b, s))
-        kv_index = jnp.broadcast_to(jnp.arange(t), (b, t))
-        out = attend(q, keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), segment_ids, valid, q_index,
-                     kv_index, self.config.attention_impl)
+        out = attend_cached(q, keys, values, segment_ids, valid, start, self.config.attention_impl)
         return self._output(out), LayerCache(keys, values, conv.astype(cache.conv.dtype),
                                              value.astype(cache.value.dtype))
 

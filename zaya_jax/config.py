@@ -18,7 +18,7 @@ import yaml
 
 DTypeName = Literal["float32", "bfloat16"]
 _DTYPES = ("float32", "bfloat16")
-_ATTENTION_IMPLS = ("xla",)
+_ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 _MOE_IMPLS = ("sorted", "dense", "expert_parallel")
 _EP_TRANSPORTS = ("all_to_all", "all_gather", "ragged_all_to_all")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -55,7 +55,7 @@ class ZayaConfig:
     # Numerics and implementation choices (not part of transformers' config.json).
     param_dtype: DTypeName = "float32"  # dtype of the stored parameters (float32 master weights in training)
     dtype: DTypeName = "float32"  # compute dtype; the residual stream, softmaxes and logits stay float32
-    attention_impl: str = "xla"  # attention kernel: "xla" (the reference path)
+    attention_impl: str = "xla"  # "xla" (the reference) | "pallas" (GPU/TPU kernels) | "cudnn" (GPU); docs/kernels.md
     # "sorted": tokens sorted by expert + grouped matmul; "dense": every expert (the reference);
     # "expert_parallel": experts split over the mesh's expert axis, tokens moved by `expert_parallel_transport`.
     moe_impl: str = "sorted"

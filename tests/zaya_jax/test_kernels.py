@@ -1,0 +1,134 @@
+"""Pallas kernels (interpret mode, memory the kernel does not write reads as NaN) against the XLA reference.
+
+Random inputs (never zeros), sequence lengths that are not multiples of the tiles, several packed segments and left
+padding, float32 and bfloat16; outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from zaya_jax import generate, init_model, load_preset
+from zaya_jax.attention import attend, xla_attention
+from zaya_jax.kernels.decode_attention import decode_attention
+from zaya_jax.kernels.flash_attention import flash_attention
+
+POISONED = pltpu.InterpretParams(uninitialized_memory="nan")
+# Relative error (max |difference| / max |reference|) allowed against the float32 reference.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _inputs(dtype, batch=2, seq=37, kv_len=None, q_heads=4, kv_heads=2, head_dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    kv_len = kv_len or seq
+    q = rng.normal(size=(batch, seq, q_heads, head_dim))
+    k = rng.normal(size=(batch, kv_len, kv_heads, head_dim))
+    v = rng.normal(size=(batch, kv_len, kv_heads, head_dim))
+    return [jnp.asarray(x, dtype) for x in (q, k, v)]
+
+
+def _packed_segments(batch, seq):
+    segments = np.ones((batch, seq), np.int32)
+    segments[0, 11:26] = 2  # three packed documents in row 0
+    segments[0, 26:] = 3
+    segments[1, :5] = 0  # left padding in row 1
+    return jnp.asarray(segments)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), "NaN/inf: an output element was not written"
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flash_attention_forward_and_gradients_match_xla(dtype):
+    q, k, v = _inputs(dtype)
+    segments = _packed_segments(2, 37)
+    index = jnp.broadcast_to(jnp.arange(37), (2, 37))
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, segments, segments, index, index).astype(jnp.float32) * weights)
+
+    flash = lambda *a: flash_attention(*a, 16, 8, POISONED)  # noqa: E731  tiles of 16 queries, 8 keys
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    reference = xla_attention(*f32, segments, segments, index, index)
+    assert _rel(flash(q, k, v, segments, segments, index, index), reference) < TOLERANCE[dtype]
+    expected = jax.grad(lambda *a: loss(xla_attention, *a), argnums=(0, 1, 2))(*f32)
+    got = jax.grad(lambda *a: loss(flash, *a), argnums=(0, 1, 2))(q, k, v)
+    for name, g, e in zip("qkv", got, expected):
+        assert g.dtype == dtype
+        assert _rel(g, e) < TOLERANCE[dtype], name
+
+
+def test_flash_attention_prefill_into_a_longer_cache():
+    """q_index = start + arange(S) against kv_index = arange(T), T > S, as the cached prefill calls it."""
+    q, k, v = _inputs(jnp.float32, seq=9, kv_len=29, seed=2)
+    start = 11
+    valid = np.zeros((2, 29), np.int32)
+    valid[:, :start + 9] = 1
+    valid[1, :3] = 0  # left padding of row 1
+    valid = jnp.asarray(valid)
+    q_segments = valid[:, start:start + 9]
+    q_index = jnp.broadcast_to(start + jnp.arange(9), (2, 9))
+    kv_index = jnp.broadcast_to(jnp.arange(29), (2, 29))
+    reference = xla_attention(q, k, v, q_segments, valid, q_index, kv_index)
+    got = flash_attention(q, k, v, q_segments, valid, q_index, kv_index, 8, 8, POISONED)
+    assert _rel(got, reference) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_matches_xla(dtype):
+    rng = np.random.default_rng(3)
+    batch, slots, position = 3, 21, 13
+    q = jnp.asarray(rng.normal(size=(batch, 4, 16)), dtype)
+    k_cache = jnp.asarray(rng.normal(size=(batch, 2, slots, 16)), dtype)
+    v_cache = jnp.asarray(rng.normal(size=(batch, 2, slots, 16)), dtype)
+    valid = np.zeros((batch, slots), np.int32)
+    valid[:, :position + 1] = 1
+    valid[0, :4] = 0  # rows of different lengths (left padding)
+    valid[2, :1] = 0
+    valid = jnp.asarray(valid)
+    got = decode_attention(q, k_cache, v_cache, valid, jnp.int32(position), block_k=8, interpret=POISONED)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    reference = xla_attention(f32(q)[:, None], f32(k_cache).transpose(0, 2, 1, 3), f32(v_cache).transpose(0, 2, 1, 3),
+                              jnp.ones((batch, 1), jnp.int32), valid, jnp.full((batch, 1), position),
+                              jnp.broadcast_to(jnp.arange(slots), (batch, slots)))[:, 0]
+    assert _rel(got, reference) < TOLERANCE[dtype]
+
+
+def test_the_tiny_model_with_pallas_attention_equals_xla(monkeypatch):
+    monkeypatch.setenv("ZAYA_PALLAS_INTERPRET", "1")
+    config = dataclasses.replace(load_preset("tiny"), num_layers=2)
+    xla_model = init_model(config, seed=0)
+    pallas_model = init_model(dataclasses.replace(config, attention_impl="pallas"), seed=0)
+    ids = jnp.asarray(np.random.default_rng(4).integers(5, config.vocab_size, (2, 20)))
+    segments = jnp.asarray(np.repeat([[1] * 12 + [2] * 8], 2, axis=0))
+    positions = jnp.asarray(np.repeat([list(range(12)) + list(range(8))], 2, axis=0))
+    assert _rel(pallas_model(ids, segment_ids=segments, positions=positions),
+                xla_model(ids, segment_ids=segments, positions=positions)) < 1e-5
+    prompt = np.asarray(ids[:, :7])
+    mask = np.ones_like(prompt)
+    mask[1, :2] = 0
+    ours = generate(pallas_model, prompt, 6, attention_mask=mask, stop_tokens=())
+    reference = generate(xla_model, prompt, 6, attention_mask=mask, stop_tokens=())
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(reference.tokens))
+
+
+def test_asking_for_a_kernel_the_backend_lacks_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("ZAYA_PALLAS_INTERPRET", raising=False)
+    q, k, v = _inputs(jnp.float32, seq=4)
+    ones, index = jnp.ones((2, 4), jnp.int32), jnp.broadcast_to(jnp.arange(4), (2, 4))
+    with pytest.raises(ValueError, match="'pallas' runs Pallas kernels, which need a GPU or TPU; this process runs on cpu"):
+        attend(q, k, v, ones, ones, index, index, "pallas")
+    with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU; this process runs on cpu"):
+        attend(q, k, v, ones, ones, index, index, "cudnn")
+    with pytest.raises(ValueError, match="attention_impl"):
+        dataclasses.replace(load_preset("tiny"), attention_impl="flash")

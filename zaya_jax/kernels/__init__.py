@@ -1,0 +1,1 @@
+"""Pallas kernels for CCA (see docs/kernels.md): flash attention forward and backward, decode attention."""
