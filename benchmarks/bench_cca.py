@@ -25,24 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import matmul_peak, median_seconds
 from zaya_jax.attention import attend
 
 
 def median_ms(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
-
-
-def matmul_peak(repeats: int, size: int) -> float:
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
-    product = jax.jit(lambda x, y: x @ y)
-    return 2 * size**3 / (median_ms(lambda: product(a, b), repeats) / 1e3)
+    return median_seconds(lambda: jax.block_until_ready(fn()), repeats) * 1e3
 
 
 def attention_case(impl, q, k, v, segments, index):
@@ -72,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = jax.devices()[0]
-    peak = matmul_peak(args.repeats, args.peak_size)
+    peak = matmul_peak(args.peak_size, args.repeats)
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}; measured bf16 matmul peak "
           f"{peak / 1e12:.1f} TFLOP/s")
     hq, hkv = args.heads

@@ -23,24 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation, allocation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def copy_bandwidth(gib: float, repeats: int) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
-    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a * 1.0001)  # a multiply, so XLA cannot alias the output to the input
-    seconds = median_time(lambda: copy(x).block_until_ready(), repeats)
-    return 2 * x.size * 4 / seconds
+from timing import copy_bandwidth, median_seconds
 
 
 def active_weight_bytes(config) -> int:
@@ -63,7 +46,7 @@ def bench_ours(config, batches, prompt_len, new_tokens, repeats):
         def run(n):
             return lambda: generate(model, ids, n, stop_tokens=()).tokens.block_until_ready()
 
-        full, prefill = median_time(run(new_tokens), repeats), median_time(run(1), repeats)
+        full, prefill = median_seconds(run(new_tokens), repeats), median_seconds(run(1), repeats)
         rows[batch] = batch * (new_tokens - 1) / (full - prefill)
     cache_per_token = kv_bytes_per_token(init_cache(config, 1, 1))
     return rows, cache_per_token
@@ -92,7 +75,7 @@ def bench_transformers(config, batches, prompt_len, new_tokens, repeats):
                     torch.cuda.synchronize()
             return go
 
-        full, prefill = median_time(run(new_tokens), repeats), median_time(run(1), repeats)
+        full, prefill = median_seconds(run(new_tokens), repeats), median_seconds(run(1), repeats)
         rows[batch] = batch * (new_tokens - 1) / (full - prefill)
     del model
     return rows

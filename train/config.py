@@ -64,6 +64,7 @@ class RunConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     async_checkpoints: bool = True  # write checkpoints in the background while training continues
     z_loss: float = 0.0  # weight of mean(logsumexp^2); 0 disables
+    loss_chunk: int = 0  # positions per LM-head + cross-entropy chunk (never the whole [B, S, V] logits); 0 = all
     max_consecutive_bad_steps: int = 5  # non-finite loss: skip the step; stop after this many in a row
     init_from: str = ""  # a transformers-format directory to fine-tune from (load_pretrained)
     resume: bool = True  # continue from the run directory's latest checkpoint when there is one
@@ -85,6 +86,8 @@ class RunConfig:
             raise ValueError(f"train.step_timeout_s must be >= 0, got {self.step_timeout_s}")
         if self.z_loss < 0:
             raise ValueError(f"train.z_loss must be >= 0, got {self.z_loss}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"train.loss_chunk must be >= 0 (0 = the whole sequence at once), got {self.loss_chunk}")
 
 
 SECTIONS: dict[str, type] = {

@@ -156,7 +156,7 @@ def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Mesh]:
     step_fn = make_train_step(
         graphdef, optimizer, cfg.balancer, cfg.model.router_classes,
         accumulation_steps=cfg.train.accumulation_steps, z_loss=cfg.train.z_loss,
-        learning_rate=make_schedule(cfg.optimizer),
+        learning_rate=make_schedule(cfg.optimizer), loss_chunk=cfg.train.loss_chunk,
     )
     step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)

@@ -44,17 +44,39 @@ class TrainState(NamedTuple):
 
 
 def token_losses(
-    graphdef: nnx.GraphDef, params: Any, biases: Any, batch: Batch
+    graphdef: nnx.GraphDef, params: Any, biases: Any, batch: Batch, loss_chunk: int = 0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """-> (nll [B, S] float32, logsumexp [B, S] float32, Routing: choices [L, B, S], dropped tokens [L])."""
+    """-> (nll [B, S] float32, logsumexp [B, S] float32, Routing: choices [L, B, S], dropped tokens [L]).
+
+    loss_chunk > 0 computes the LM head and the cross-entropy `loss_chunk` positions at a time under
+    jax.checkpoint, so the [B, S, V] logits never exist whole, in the forward or the backward (for ZAYA1's 262k
+    vocabulary they would be 8.6 GB in float32 for 8192 tokens); the numbers are those of the whole computation.
+    """
     model = nnx.merge(graphdef, params, biases)
     hidden, routing = model.hidden_states(
         batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
     )
-    logits = model.logits(hidden)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z, routing
+    targets = batch["targets"]
+
+    def losses(hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+        with jax.named_scope("lm_head_loss"):
+            logits = model.logits(hidden)
+            log_z = jax.nn.logsumexp(logits, axis=-1)
+            target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            return log_z - target_logit, log_z
+
+    seq = targets.shape[1]
+    if loss_chunk <= 0 or loss_chunk >= seq:
+        nll, log_z = losses(hidden, targets)
+        return nll, log_z, routing
+    chunks = -(-seq // loss_chunk)
+    pad = chunks * loss_chunk - seq
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], chunks, loss_chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    nll, log_z = jax.lax.map(lambda args: jax.checkpoint(losses)(*args), (split(hidden), split(targets)))
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1)[:, :seq]  # noqa: E731
+    return merge(nll), merge(log_z), routing
 
 
 def make_train_step(
@@ -66,11 +88,12 @@ def make_train_step(
     accumulation_steps: int = 1,
     z_loss: float = 0.0,
     learning_rate: Callable[[jax.Array], jax.Array] | None = None,
+    loss_chunk: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the pure step function; jit it (with `donate_argnums=0` to reuse the state's buffers)."""
 
     def summed_loss(params, biases, micro):
-        nll, log_z, routing = token_losses(graphdef, params, biases, micro)
+        nll, log_z, routing = token_losses(graphdef, params, biases, micro, loss_chunk)
         mask = micro["target_mask"]
         nll_sum = jnp.sum(nll * mask)
         z_sum = jnp.sum(jnp.square(log_z) * mask)
@@ -101,10 +124,13 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         bias_leaves, bias_def = jax.tree.flatten(state.biases)
-        new_bias, balancer, bal_metrics = balancer_update(balancer_config, state.balancer, bias_leaves[0], counts)
+        with jax.named_scope("balancer"):
+            new_bias, balancer, bal_metrics = balancer_update(balancer_config, state.balancer, bias_leaves[0],
+                                                              counts)
         biases = jax.tree.unflatten(bias_def, [new_bias])
 
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731

@@ -53,7 +53,9 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """residual [B, S, H] f32, router_state [B, S, R] -> (residual, router_state, (choice [B, S], dropped []))."""
         dtype = compute_dtype(self.config)
-        h = self.attn(self.input_norm(residual.astype(dtype)), segment_ids, positions)
+        # Named scopes label the profile (benchmarks/bench_train.py splits step time by them).
+        with jax.named_scope("attention"):
+            h = self.attn(self.input_norm(residual.astype(dtype)), segment_ids, positions)
         residual = self.post_attn_scale(h, residual)
         h, router_state, choice, dropped = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
         return constrain(self.post_moe_scale(h, residual), "residual"), router_state, (choice, dropped)

@@ -74,7 +74,8 @@ class MoE(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         cfg = self.config
         dtype = compute_dtype(cfg)
-        _, choice, weight, router_state = self.router(x, router_state)
+        with jax.named_scope("router"):
+            _, choice, weight, router_state = self.router(x, router_state)
         b, s, h = x.shape
         args = (
             x.astype(dtype).reshape(b * s, h),
@@ -83,10 +84,11 @@ class MoE(nnx.Module):
             self.experts.gate_up[...].astype(dtype),
             self.experts.down[...].astype(dtype),
         )
-        if cfg.moe_impl == "expert_parallel":
-            y, dropped = _expert_parallel(cfg, *args)
-        else:
-            y, dropped = EXPERT_IMPLS[cfg.moe_impl](*args), jnp.zeros((), jnp.int32)
+        with jax.named_scope("experts"):
+            if cfg.moe_impl == "expert_parallel":
+                y, dropped = _expert_parallel(cfg, *args)
+            else:
+                y, dropped = EXPERT_IMPLS[cfg.moe_impl](*args), jnp.zeros((), jnp.int32)
         return y.reshape(b, s, h), router_state, choice, dropped
 
 
