@@ -1,12 +1,13 @@
 """Prints the figures quoted in closing notes: parity errors against transformers, compile times of the tiny preset,
 per-device parameter bytes on the test meshes, and the balancer test's entropy curve.
 
-    PYTHONPATH=. python scripts/report_figures.py parity|compile|bytes|balancer|kernels
+    PYTHONPATH=. python scripts/report_figures.py parity|compile|bytes|balancer|kernels|inference
 
 Run from the repository root with the test extras installed; it reuses the test suite's fixtures (8 virtual CPU
 devices via tests/conftest.py).
 """
 
+import dataclasses
 import sys
 
 import tests.conftest  # noqa: F401  (8 CPU devices, highest matmul precision; before jax is used)
@@ -145,6 +146,62 @@ def kernels() -> None:
         print(f"decode attention {jnp.dtype(dtype).name} (B3 T21 position 13, tiles of 8): {_rel(got, ref):.2e}")
 
 
+def inference() -> None:
+    import importlib
+
+    from tests.zaya_jax.test_generate import _prompts
+    from tests.zaya_jax.test_parity import _models
+    from zaya_jax import generate, init_model
+    from zaya_jax.cache import init_cache, kv_bytes_per_token
+    from zaya_jax.config import load_preset
+    from zaya_jax.rsa import RSAConfig, markovian_rsa
+    from zaya_jax.tokenizers import ByteTokenizer
+
+    for name in ("gqa4x2", "mqa"):
+        hf, model = _models(name)
+        ids, mask = _prompts(model.config.vocab_size, length=12)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=jnp.asarray(positions)))
+        cache = init_cache(model.config, ids.shape[0], ids.shape[1])
+        step = jax.jit(model.cached_forward)
+        logits, cache = step(jnp.asarray(ids[:, :5]), jnp.asarray(positions[:, :5]), jnp.asarray(mask[:, :5]), cache)
+        cached = [np.asarray(logits)]
+        for t in range(5, ids.shape[1]):
+            logits, cache = step(jnp.asarray(ids[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]),
+                                 jnp.asarray(mask[:, t:t + 1]), cache)
+            cached.append(np.asarray(logits))
+        cached = np.concatenate(cached, axis=1)
+        real = mask.astype(bool)
+        err = np.abs(cached - full)[real].max() / np.abs(full[real]).max()
+        ids, mask = _prompts(model.config.vocab_size, seed=1)
+        with torch.no_grad():
+            ref = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=8,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].numpy()
+        out = np.asarray(generate(model, ids, 8, attention_mask=mask, stop_tokens=()).tokens)
+        print(f"{name}: cached vs full-forward logits, max |diff| / max |logit| over real positions: {err:.2e}; "
+              f"greedy tokens equal to transformers generate: {int((out == ref).sum())}/{out.size}")
+    kv = kv_bytes_per_token(init_cache(dataclasses.replace(load_preset("zaya1-8b"), dtype="bfloat16"), 1, 4))
+    print(f"zaya1-8b K/V cache per token in bf16: {kv} bytes = {kv / 1024:.0f} KiB")
+
+    generate_module = importlib.import_module("zaya_jax.generate")
+    real_init_cache, allocated = generate_module.init_cache, []
+
+    def recording(config, batch, max_len, dtype=None):
+        cache = real_init_cache(config, batch, max_len, dtype)
+        allocated.append(cache.layers.k.nbytes + cache.layers.v.nbytes)
+        return cache
+
+    generate_module.init_cache = recording
+    model = init_model(load_preset("tiny"), seed=0)
+    for rounds in (1, 8):
+        generate_module._compiled.cache_clear()
+        allocated.clear()
+        markovian_rsa(model, ByteTokenizer(), ["Compute 3 + 4."],
+                      RSAConfig(population=4, candidates=2, rounds=rounds, budget=10, tail=6, prompt_format="compact"))
+        print(f"Markovian RSA N=4 C=2 tau=6 beta=10, T={rounds}: peak K/V cache allocated {max(allocated)} bytes")
+    generate_module.init_cache = real_init_cache
+
+
 if __name__ == "__main__":
-    {"parity": parity, "compile": compile_times, "bytes": device_bytes, "balancer": balancer,
+    {"inference": inference, "parity": parity, "compile": compile_times, "bytes": device_bytes, "balancer": balancer,
      "kernels": kernels}[sys.argv[1]]()

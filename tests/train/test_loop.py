@@ -151,11 +151,17 @@ def test_heldout_greedy_completions_equal_an_uncached_argmax_loop(straight_run):
     tokenizer = ByteTokenizer()
     records = generate_problems(3, seed=5, split="heldout")
     got = greedy_completions(model, tokenizer, records, max_new_tokens=12, batch_size=2)
+    width = max(len(reasoning_prompt(tokenizer, r["prompt"])) for r in records) + 12
+    # The reference: the full forward over the whole sequence, right-padded to one width (causal: the padding
+    # after position t never changes logits at t), argmax at the last real position.
+    forward = jax.jit(lambda ids: model(ids))
     for record, completion in zip(records, got):
         ids = reasoning_prompt(tokenizer, record["prompt"])
         new = []
-        for _ in range(12):  # the reference: full forward over the whole sequence, argmax of the last position
-            token = int(np.argmax(np.asarray(model(jnp.asarray([ids + new])))[0, -1]))
+        for _ in range(12):
+            row = np.zeros((1, width), np.int32)
+            row[0, :len(ids) + len(new)] = ids + new
+            token = int(np.argmax(np.asarray(forward(jnp.asarray(row)))[0, len(ids) + len(new) - 1]))
             if token == tokenizer.eos_id:
                 break
             new.append(token)
