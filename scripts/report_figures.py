@@ -144,6 +144,17 @@ def kernels() -> None:
                             vc.astype(jnp.float32).transpose(0, 2, 1, 3), jnp.ones((3, 1), jnp.int32), valid,
                             jnp.full((3, 1), 13), jnp.broadcast_to(jnp.arange(21), (3, 21)))[:, 0]
         print(f"decode attention {jnp.dtype(dtype).name} (B3 T21 position 13, tiles of 8): {_rel(got, ref):.2e}")
+        from tests.zaya_jax.test_kernels import _prologue_inputs
+        from zaya_jax.cca import prologue_reference
+        from zaya_jax.kernels.cca_prologue import fused_prologue
+
+        for kernel_sizes in ((2, 2), (3, 1)):
+            q0, k0, seg, cos, sin, params = _prologue_inputs(dtype, *kernel_sizes)
+            got = fused_prologue(q0, k0, seg, cos, sin, params, prologue_reference, 16, POISONED)
+            f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (q0, k0, params))
+            want = prologue_reference(f32[0], f32[1], seg, cos, sin, f32[2])
+            print(f"fused prologue {jnp.dtype(dtype).name} (conv kernels {kernel_sizes}, B2 S37, tiles of 16): "
+                  f"q {_rel(got[0], want[0]):.2e} k {_rel(got[1], want[1]):.2e}")
 
 
 def inference() -> None:

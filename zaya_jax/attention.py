@@ -56,7 +56,7 @@ def xla_attention(
     return out.reshape(batch, seq, q_heads, head_dim).astype(q.dtype)
 
 
-def _pallas_interpret(impl: str):
+def pallas_interpret(impl: str):
     """False on GPU/TPU; the interpreter's settings on CPU when ZAYA_PALLAS_INTERPRET=1; else an error."""
     backend = jax.default_backend()
     if backend in ("gpu", "tpu"):
@@ -73,7 +73,7 @@ def _pallas_interpret(impl: str):
 def pallas_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax.Array:
     from zaya_jax.kernels.flash_attention import flash_attention
 
-    interpret = _pallas_interpret("pallas")
+    interpret = pallas_interpret("pallas")
     block = 16 if interpret is not False else 128  # small tiles keep the interpreter's per-tile overhead bounded
     return flash_attention(q, k, v, q_segments, kv_segments, q_index, kv_index, block, block, interpret)
 
@@ -111,7 +111,7 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_segmen
     if impl == "pallas" and seq == 1:
         from zaya_jax.kernels.decode_attention import decode_attention
 
-        interpret = _pallas_interpret(impl)
+        interpret = pallas_interpret(impl)
         out = decode_attention(q[:, 0], k_cache, v_cache, valid, start, block_k=16 if interpret is not False else 128,
                                interpret=interpret)
         return out[:, None]

@@ -18,7 +18,8 @@ document inside a packed row computes exactly what it computes alone, and left-p
 `conv_mask` zeroing.
 
 `conv_history` [B, K, C] and `value_history` [B, Hkv*D/2] carry the state of earlier tokens (cached decoding);
-zeros mean "start of sequence".
+zeros mean "start of sequence". `prologue_reference` is everything from q0, k0 to the attention's q and k, in XLA;
+with attention_impl "pallas" the fused kernel of zaya_jax/kernels/cca_prologue.py computes it instead.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zaya_jax.attention import attend, attend_cached
+from zaya_jax.attention import attend, attend_cached, pallas_interpret
 from zaya_jax.cache import LayerCache
 from zaya_jax.config import ZayaConfig
+from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
 from zaya_jax.layers import apply_partial_rope, compute_dtype, constant_param, dense_init, rotary_embedding
 
 
@@ -67,20 +69,19 @@ class CCAttention(nnx.Module):
         cfg = self.config
         dtype = compute_dtype(cfg)
         b, s, _ = x.shape
-        d, hq, hkv = cfg.head_dim, cfg.query_heads, cfg.kv_heads
+        d, hkv = cfg.head_dim, cfg.kv_heads
         x = x.astype(dtype)
         q0 = x @ self.q_proj[...].astype(dtype)
         k0 = x @ self.k_proj[...].astype(dtype)
-        packed = jnp.concatenate([q0, k0], axis=-1)
-
-        if conv_history is None:
-            conv_history = jnp.zeros((b, cfg.conv_history, cfg.conv_channels), dtype)
-        z = self._conv_stack(packed, segment_ids, conv_history)
-        q_mean = 0.5 * (q0.reshape(b, s, hkv, cfg.query_groups, d) + k0.reshape(b, s, hkv, 1, d))
-        k_mean = q_mean.mean(axis=3)
-        q = z[..., : hq * d].reshape(b, s, hkv, cfg.query_groups, d) + q_mean
-        q = q.reshape(b, s, hq, d)
-        k = z[..., hq * d :].reshape(b, s, hkv, d) + k_mean
+        cos, sin = rotary_embedding(positions, cfg.rotary_dim, cfg.rope_theta)
+        params = PrologueParams(self.conv_depthwise[...], self.conv_depthwise_bias[...], self.conv_grouped[...],
+                                self.conv_grouped_bias[...], self.temperature[...])
+        if cfg.attention_impl == "pallas" and conv_history is None:
+            interpret = pallas_interpret("pallas")
+            q, k = fused_prologue(q0, k0, segment_ids, cos, sin, params, prologue_reference,
+                                  16 if interpret is not False else 64, interpret)
+        else:
+            q, k = prologue_reference(q0, k0, segment_ids, cos, sin, params, conv_history)
 
         v_cur = x @ self.v_current[...].astype(dtype)
         v_del = x @ self.v_delayed[...].astype(dtype)
@@ -93,10 +94,10 @@ class CCAttention(nnx.Module):
         v_prev = jnp.where(same_as_prev[..., None], prev, 0)
         v = jnp.concatenate([v_cur, v_prev], axis=-1).reshape(b, s, hkv, d)
 
-        q, k = self._qk_norm(q, k)
-        cos, sin = rotary_embedding(positions, cfg.rotary_dim, cfg.rope_theta)
-        state = (self._next_conv_history(packed, segment_ids, conv_history), v_del[:, -1])
-        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v, state
+        packed = jnp.concatenate([q0, k0], axis=-1)
+        if conv_history is None:
+            conv_history = jnp.zeros((b, cfg.conv_history, cfg.conv_channels), dtype)
+        return q, k, v, (self._next_conv_history(packed, segment_ids, conv_history), v_del[:, -1])
 
     def _next_conv_history(self, packed: jax.Array, segment_ids: jax.Array, history: jax.Array) -> jax.Array:
         """The last K pre-conv columns as the next token sees them: columns of another document are zero."""
@@ -106,45 +107,6 @@ class CCAttention(nnx.Module):
         extended = jnp.concatenate([history.astype(packed.dtype), packed], axis=1)[:, -pad:]
         seg_ext = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)[:, -pad:]
         return jnp.where((seg_ext == segment_ids[:, -1:])[..., None], extended, 0)
-
-    def _conv_stack(self, packed: jax.Array, segment_ids: jax.Array, history: jax.Array) -> jax.Array:
-        """packed [B, S, C] -> the two causal convs' output [B, S, C] (see module docstring)."""
-        cfg = self.config
-        dtype = packed.dtype
-        b, s, c = packed.shape
-        k_dw, k_gr, pad = cfg.conv_kernel_depthwise, cfg.conv_kernel_grouped, cfg.conv_history
-        extended = jnp.concatenate([history.astype(dtype), packed], axis=1)  # [B, pad + S, C]
-        # History columns belong to the first token's document (they are zeros at a sequence start).
-        seg_ext = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
-        shifted = []  # shifted[d][t] = P_{t-d}, zero when t-d is in another document
-        for d in range(pad + 1):
-            cols = jax.lax.dynamic_slice_in_dim(extended, pad - d, s, axis=1)
-            same = jax.lax.dynamic_slice_in_dim(seg_ext, pad - d, s, axis=1) == segment_ids
-            shifted.append(jnp.where(same[..., None], cols, 0))
-        w_dw = self.conv_depthwise[...].astype(dtype)
-        b_dw = self.conv_depthwise_bias[...].astype(dtype)
-        w_gr = self.conv_grouped[...].astype(dtype)
-        groups = w_gr.shape[1]
-        out = jnp.zeros((b, s, groups, cfg.head_dim), jnp.float32)
-        for j2 in range(k_gr):
-            depthwise = b_dw + sum(w_dw[j1] * shifted[pad - j1 - j2] for j1 in range(k_dw))
-            # Products in the compute dtype (as transformers' conv), taps summed in float32.
-            tap = jnp.einsum("bsgi,gio->bsgo", depthwise.reshape(b, s, groups, cfg.head_dim), w_gr[j2])
-            out = out + tap.astype(jnp.float32)
-        return (out.reshape(b, s, c) + self.conv_grouped_bias[...].astype(jnp.float32)).astype(dtype)
-
-    def _qk_norm(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """L2-normalize every head to norm sqrt(D) (no learned weight), then scale keys by the temperature."""
-        d = self.config.head_dim
-        eps = jnp.finfo(q.dtype).eps
-
-        def l2(t: jax.Array) -> jax.Array:
-            t32 = t.astype(jnp.float32)
-            norm = jnp.sqrt(jnp.sum(t32 * t32, axis=-1, keepdims=True))
-            return t32 * (d**0.5 / jnp.maximum(norm, eps))
-
-        temperature = self.temperature[...].astype(jnp.float32)[:, None]
-        return l2(q).astype(q.dtype), (l2(k) * temperature).astype(k.dtype)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """x [B, S, H], segment_ids [B, S], positions [B, S] -> [B, S, H]."""
@@ -174,3 +136,49 @@ class CCAttention(nnx.Module):
         dtype = compute_dtype(self.config)
         return out.reshape(*out.shape[:2], -1) @ self.o_proj[...].astype(dtype)
 
+
+def prologue_reference(q0: jax.Array, k0: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array,
+                       params: PrologueParams, history: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The CCA prologue in XLA (module docstring): q0 [B, S, Hq*D], k0 [B, S, Hkv*D], cos/sin [B, S, R], the conv
+    history [B, K, C] of earlier tokens (None: zeros) -> q [B, S, Hq, D], k [B, S, Hkv, D] after the convolutions,
+    q-k mean, QK-norm, temperature and RoPE. Every size comes from the shapes; the Pallas kernel equals this."""
+    dtype = q0.dtype
+    b, s, q_width = q0.shape
+    k_dw, c = params.w_dw.shape
+    k_gr, groups, d, _ = params.w_gr.shape
+    hq, hkv = q_width // d, k0.shape[2] // d
+    pad = (k_dw - 1) + (k_gr - 1)
+    packed = jnp.concatenate([q0, k0], axis=-1)
+    if history is None:
+        history = jnp.zeros((b, pad, c), dtype)
+    extended = jnp.concatenate([history.astype(dtype), packed], axis=1)  # [B, pad + S, C]
+    # History columns belong to the first token's document (they are zeros at a sequence start).
+    seg_ext = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)
+    shifted = []  # shifted[d][t] = P_{t-d}, zero when t-d is in another document
+    for shift in range(pad + 1):
+        cols = jax.lax.dynamic_slice_in_dim(extended, pad - shift, s, axis=1)
+        same = jax.lax.dynamic_slice_in_dim(seg_ext, pad - shift, s, axis=1) == segment_ids
+        shifted.append(jnp.where(same[..., None], cols, 0))
+    w_dw, b_dw, w_gr = params.w_dw.astype(dtype), params.b_dw.astype(dtype), params.w_gr.astype(dtype)
+    z = jnp.zeros((b, s, groups, d), jnp.float32)
+    for j2 in range(k_gr):
+        depthwise = b_dw + sum(w_dw[j1] * shifted[pad - j1 - j2] for j1 in range(k_dw))
+        # Products in the compute dtype (as transformers' conv), taps summed in float32.
+        tap = jnp.einsum("bsgi,gio->bsgo", depthwise.reshape(b, s, groups, d), w_gr[j2])
+        z = z + tap.astype(jnp.float32)
+    z = (z.reshape(b, s, c) + params.b_gr.astype(jnp.float32)).astype(dtype)
+
+    q_mean = 0.5 * (q0.reshape(b, s, hkv, hq // hkv, d) + k0.reshape(b, s, hkv, 1, d))
+    q = (z[..., : hq * d].reshape(b, s, hkv, hq // hkv, d) + q_mean).reshape(b, s, hq, d)
+    k = z[..., hq * d:].reshape(b, s, hkv, d) + q_mean.mean(axis=3)
+
+    # L2-normalize every head to norm sqrt(D) (no learned weight), then scale keys by the temperature.
+    eps = jnp.finfo(dtype).eps
+
+    def l2(t: jax.Array) -> jax.Array:
+        t32 = t.astype(jnp.float32)
+        return t32 * (d**0.5 / jnp.maximum(jnp.sqrt(jnp.sum(t32 * t32, axis=-1, keepdims=True)), eps))
+
+    q = l2(q).astype(dtype)
+    k = (l2(k) * params.temperature.astype(jnp.float32)[:, None]).astype(dtype)
+    return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)

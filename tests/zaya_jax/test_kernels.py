@@ -132,3 +132,45 @@ def test_asking_for_a_kernel_the_backend_lacks_is_a_clear_error(monkeypatch):
         attend(q, k, v, ones, ones, index, index, "cudnn")
     with pytest.raises(ValueError, match="attention_impl"):
         dataclasses.replace(load_preset("tiny"), attention_impl="flash")
+
+
+def _prologue_inputs(dtype, k_dw, k_gr, seed=5, batch=2, seq=37, q_heads=4, kv_heads=2, head_dim=16, rotary=8):
+    from zaya_jax.kernels.cca_prologue import PrologueParams
+    from zaya_jax.layers import rotary_embedding
+
+    rng = np.random.default_rng(seed)
+    channels = (q_heads + kv_heads) * head_dim
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), dtype)  # noqa: E731
+    segments = _packed_segments(batch, seq)
+    positions = np.zeros((batch, seq), np.int32)
+    for row in range(batch):  # positions restart at every document, as packing writes them
+        for seg in np.unique(np.asarray(segments[row])):
+            where = np.flatnonzero(np.asarray(segments[row]) == seg)
+            positions[row, where] = np.arange(len(where))
+    cos, sin = rotary_embedding(jnp.asarray(positions), rotary, 10000.0)
+    params = PrologueParams(normal(k_dw, channels) * 0.5, normal(channels) * 0.1,
+                            normal(k_gr, q_heads + kv_heads, head_dim, head_dim) * 0.25, normal(channels) * 0.1,
+                            jnp.asarray(rng.uniform(0.5, 1.5, kv_heads), dtype))
+    return normal(batch, seq, q_heads * head_dim), normal(batch, seq, kv_heads * head_dim), segments, cos, sin, params
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kernels", [(2, 2), (3, 1)])
+def test_fused_prologue_matches_the_reference_and_its_gradients(dtype, kernels):
+    from zaya_jax.cca import prologue_reference
+    from zaya_jax.kernels.cca_prologue import fused_prologue
+
+    q0, k0, segments, cos, sin, params = _prologue_inputs(dtype, *kernels)
+    fused = lambda q0, k0, params: fused_prologue(q0, k0, segments, cos, sin, params, prologue_reference, 16,  # noqa: E731
+                                                  POISONED)
+    reference = lambda q0, k0, params: prologue_reference(q0, k0, segments, cos, sin, params)  # noqa: E731
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
+    got, want = fused(q0, k0, params), reference(*f32((q0, k0, params)))
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and _rel(g, w) < TOLERANCE[dtype]
+    weights = [jnp.asarray(np.random.default_rng(6).normal(size=w.shape), jnp.float32) for w in want]
+    loss = lambda fn: lambda *a: sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in zip(fn(*a), weights))  # noqa: E731
+    got = jax.grad(loss(fused), argnums=(0, 1, 2))(q0, k0, params)
+    want = jax.grad(loss(reference), argnums=(0, 1, 2))(q0, k0, params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert _rel(g, w) < 1e-6
