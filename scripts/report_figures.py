@@ -150,11 +150,21 @@ def kernels() -> None:
 
         for kernel_sizes in ((2, 2), (3, 1)):
             q0, k0, seg, cos, sin, params = _prologue_inputs(dtype, *kernel_sizes)
-            got = fused_prologue(q0, k0, seg, cos, sin, params, prologue_reference, 16, POISONED)
+            got = fused_prologue(q0, k0, seg, cos, sin, params, 16, POISONED)
             f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (q0, k0, params))
             want = prologue_reference(f32[0], f32[1], seg, cos, sin, f32[2])
+            weights = [jnp.asarray(np.random.default_rng(6).normal(size=x.shape), jnp.float32) for x in want]
+            loss = lambda fn: lambda *a: sum(jnp.sum(o.astype(jnp.float32) * w)  # noqa: E731
+                                             for o, w in zip(fn(*a), weights))
+            grads = jax.grad(loss(lambda a, b, p: fused_prologue(a, b, seg, cos, sin, p, 16, POISONED)),
+                             argnums=(0, 1, 2))(q0, k0, params)
+            expected = jax.grad(loss(lambda a, b, p: prologue_reference(a, b, seg, cos, sin, p)),
+                                argnums=(0, 1, 2))(*f32)
+            names = ["q0", "k0", *params._fields]
+            grad_errors = " ".join(f"{n} {_rel(a, b):.1e}" for n, a, b in zip(names, jax.tree.leaves(grads),
+                                                                            jax.tree.leaves(expected)))
             print(f"fused prologue {jnp.dtype(dtype).name} (conv kernels {kernel_sizes}, B2 S37, tiles of 16): "
-                  f"q {_rel(got[0], want[0]):.2e} k {_rel(got[1], want[1]):.2e}")
+                  f"q {_rel(got[0], want[0]):.2e} k {_rel(got[1], want[1]):.2e}; grads {grad_errors}")
 
 
 def inference() -> None:

@@ -78,8 +78,8 @@ class CCAttention(nnx.Module):
                                 self.conv_grouped_bias[...], self.temperature[...])
         if cfg.attention_impl == "pallas" and conv_history is None:
             interpret = pallas_interpret("pallas")
-            q, k = fused_prologue(q0, k0, segment_ids, cos, sin, params, prologue_reference,
-                                  16 if interpret is not False else 64, interpret)
+            q, k = fused_prologue(q0, k0, segment_ids, cos, sin, params, 16 if interpret is not False else 64,
+                                  interpret)
         else:
             q, k = prologue_reference(q0, k0, segment_ids, cos, sin, params, conv_history)
 

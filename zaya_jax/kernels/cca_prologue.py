@@ -11,7 +11,12 @@ K = (k_dw - 1) + (k_gr - 1) columns before the tile, once: the depthwise conv, t
 mean, the norm, the temperature and the rotation all happen on that tile in registers / VMEM, and only q and k are
 written. Columns of another document (segment id) count as the zero padding a document sees at its start.
 
-Backward: `jax.custom_vjp` whose backward is the reference's VJP in XLA, recomputed from the saved inputs.
+Backward (`jax.custom_vjp`): a second kernel with the same grid recomputes the tile's pre-norm q and k from the
+saved inputs and goes back through RoPE, the norm and temperature, the q-k mean and the grouped conv, writing the
+gradients of the depthwise outputs, the q-k mean's direct gradients of q0 and k0, and per-tile partial sums of the
+grouped weights, biases and temperature; XLA sums the partials and applies the depthwise conv's transpose (an
+elementwise stencil over the K + 1 shifts, masked by document). cos and sin get zero gradients: they come from
+integer positions.
 """
 
 from __future__ import annotations
@@ -32,43 +37,52 @@ class PrologueParams(NamedTuple):
     temperature: jax.Array  # [Hkv]
 
 
-def _kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref, q_ref, k_ref, *,
-            block_s, heads_q, head_dim, groups, k_dw, k_gr, rotary_dim, eps):
+def _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, *, block_s, heads_q, head_dim, groups,
+                k_dw, k_gr, dtype):
+    """The group's pre-norm q and k on this tile, recomputed from the packed columns (forward and backward).
+
+    -> (u [G + 1] of [bs, D] in dtype (the G query heads, then the KV head), depthwise[j2] [G + 1] of [bs, D],
+        the group's weights w_gr[j2][G + 1] of [D, D])."""
     g = pl.program_id(2)
     history = k_dw - 1 + k_gr - 1
     row0 = pl.program_id(1) * block_s
     d = head_dim
-    q_cols = pl.ds(g * groups * d, groups * d)
-    k_cols = pl.ds(heads_q * d + g * d, d)
     seg = seg_ref[pl.ds(row0 + history, block_s)]
-    dtype = q_ref.dtype
 
     def column(shift, cols):  # P_{t - shift} for the tile, zero across a document boundary
         rows = pl.ds(row0 + history - shift, block_s)
-        same = seg_ref[rows] == seg
-        return jnp.where(same[:, None], ext_ref[rows, cols], 0).astype(dtype)
+        return jnp.where((seg_ref[rows] == seg)[:, None], ext_ref[rows, cols], 0).astype(dtype)
 
-    def conv(cols, heads, first_head, width):
+    u, depthwise, weights = [], [[] for _ in range(k_gr)], [[] for _ in range(k_gr)]
+    p0 = []
+    for cols, heads, first_head in ((pl.ds(g * groups * d, groups * d), groups, g * groups),
+                                    (pl.ds(heads_q * d + g * d, d), 1, heads_q + g)):
         shifted = [column(shift, cols) for shift in range(history + 1)]
-        w_dw, b_dw = w_dw_ref[:, cols].astype(dtype), b_dw_ref[cols].astype(dtype)
-        out = []
+        w_dw, b_dw, b_gr = w_dw_ref[:, cols].astype(dtype), b_dw_ref[cols].astype(dtype), b_gr_ref[cols]
         for h in range(heads):
             head = slice(h * d, (h + 1) * d)
             acc = jnp.zeros((block_s, d), jnp.float32)
             for j2 in range(k_gr):
-                depthwise = b_dw[head] + sum(w_dw[j1, head] * shifted[history - j1 - j2][:, head] for j1 in range(k_dw))
-                acc += jnp.dot(depthwise, w_gr_ref[j2, first_head + h].astype(dtype),
-                               preferred_element_type=jnp.float32).astype(dtype).astype(jnp.float32)
-            out.append((acc + b_gr_ref[cols][head].astype(jnp.float32)).astype(dtype))
-        return out, shifted[0]
-
-    z_q, q0 = conv(q_cols, groups, g * groups, groups * d)
-    z_k, k0 = conv(k_cols, 1, heads_q + g, d)
-    q_means = [0.5 * (q0[:, h * d:(h + 1) * d] + k0) for h in range(groups)]
+                dw = b_dw[head] + sum(w_dw[j1, head] * shifted[history - j1 - j2][:, head] for j1 in range(k_dw))
+                w = w_gr_ref[j2, first_head + h].astype(dtype)
+                depthwise[j2].append(dw)
+                weights[j2].append(w)
+                # Products in the compute dtype, taps summed in float32 (as the reference).
+                acc += jnp.dot(dw, w, preferred_element_type=jnp.float32).astype(dtype).astype(jnp.float32)
+            u.append((acc + b_gr[head].astype(jnp.float32)).astype(dtype))
+            p0.append(shifted[0][:, head])
+    q_means = [0.5 * (p0[h] + p0[groups]) for h in range(groups)]
     k_mean = sum(q_means) / groups
+    u = [u[h] + q_means[h] for h in range(groups)] + [u[groups] + k_mean]
+    return u, depthwise, weights
 
-    cos = cos_ref[...].astype(dtype)
-    sin = sin_ref[...].astype(dtype)
+
+def _forward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref, q_ref,
+                    k_ref, *, rotary_dim, eps, **dims):
+    d, groups = dims["head_dim"], dims["groups"]
+    dtype = q_ref.dtype
+    u, _, _ = _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, dtype=dtype, **dims)
+    cos, sin = cos_ref[...].astype(dtype), sin_ref[...].astype(dtype)
     half = rotary_dim // 2
 
     def finish(x, out_ref, col0, scale):
@@ -82,68 +96,217 @@ def _kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_
             out_ref[:, col0 + rotary_dim:col0 + d] = x[:, rotary_dim:]
 
     for h in range(groups):
-        finish(z_q[h] + q_means[h], q_ref, h * d, 1.0)
-    finish(z_k[0] + k_mean, k_ref, 0, temp_ref[g].astype(jnp.float32))
+        finish(u[h], q_ref, h * d, 1.0)
+    finish(u[groups], k_ref, 0, temp_ref[pl.program_id(2)].astype(jnp.float32))
 
 
-def _fused_forward(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int, interpret):
+def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref, dq_ref,
+                     dk_ref, d_dw_q_ref, d_dw_k_ref, direct_q_ref, direct_k_ref, dw_q_ref, dw_k_ref, db_q_ref,
+                     db_k_ref, dtemp_ref, *, rotary_dim, eps, **dims):
+    """Per tile: back through RoPE, the norm and temperature, the q-k mean and the grouped conv. Writes the
+    gradients of the depthwise outputs (the depthwise conv's transpose is an elementwise stencil, left to XLA),
+    the q-k mean's direct gradients of q0 / k0, and this tile's partial sums of the grouped weights, biases and
+    the temperature."""
+    d, groups, k_gr = dims["head_dim"], dims["groups"], dims["k_gr"]
+    dtype = ext_ref.dtype
+    u, depthwise, weights = _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, dtype=dtype,
+                                        **dims)
+    cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
+    half = rotary_dim // 2
+    temperature = temp_ref[pl.program_id(2)].astype(jnp.float32)
+
+    def back(x, d_out, scale):
+        """d(out)/d(u) for out = RoPE(sqrt(D) * scale * u / max(|u|, eps)) -> (du, d(out) . out / scale)."""
+        do = d_out.astype(jnp.float32)
+        do1, do2 = do[:, :half], do[:, half:rotary_dim]
+        dn = jnp.concatenate([do1 * cos[:, :half] + do2 * sin[:, half:], do2 * cos[:, half:] - do1 * sin[:, :half],
+                              do[:, rotary_dim:]], axis=-1)
+        x32 = x.astype(jnp.float32)
+        r = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
+        unit = x32 / jnp.maximum(r, eps)
+        c = d**0.5 * scale
+        du = jnp.where(r > eps, (c / jnp.maximum(r, eps)) * (dn - unit * jnp.sum(unit * dn, axis=-1, keepdims=True)),
+                       (c / eps) * dn)
+        return du, jnp.sum(dn * unit) * d**0.5
+
+    du = []
+    for h in range(groups):
+        du.append(back(u[h], dq_ref[:, h * d:(h + 1) * d], 1.0)[0])
+    du_k, dtemp = back(u[groups], dk_ref[...], temperature)
+    du.append(du_k)
+    dtemp_ref[0] = dtemp
+    d_mean = [du[h] + du_k / groups for h in range(groups)]  # k_mean = mean over the group's q means
+    for h in range(groups):
+        direct_q_ref[:, h * d:(h + 1) * d] = 0.5 * d_mean[h]
+    direct_k_ref[...] = 0.5 * sum(d_mean)
+    for h in range(groups + 1):
+        dz = du[h]
+        bias_ref, col = (db_q_ref, h * d) if h < groups else (db_k_ref, 0)
+        bias_ref[col:col + d] = jnp.sum(dz, axis=0)
+        for j2 in range(k_gr):
+            w_ref, d_dw_ref, col = (dw_q_ref, d_dw_q_ref, h * d) if h < groups else (dw_k_ref, d_dw_k_ref, 0)
+            w_ref[j2, h if h < groups else 0] = jax.lax.dot_general(
+                depthwise[j2][h].astype(jnp.float32), dz, (((0,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32)
+            d_dw_ref[:, j2, col:col + d] = jax.lax.dot_general(
+                dz, weights[j2][h].astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+class _Layout(NamedTuple):
+    """The padded kernel inputs and the static sizes, shared by the forward and backward calls."""
+
+    ext: jax.Array  # [B, K + S', C]: K zero columns (no earlier tokens), the sequence, padding to whole tiles
+    seg: jax.Array  # [B, K + S'] int32 (padding -1)
+    cos: jax.Array  # [B, S', R]
+    sin: jax.Array
+    dims: dict
+    seq: int
+    padded: int
+
+
+def _layout(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int) -> _Layout:
     batch, seq, q_width = q0.shape
-    kv_width = k0.shape[2]
-    k_dw, channels = params.w_dw.shape
+    k_dw, _ = params.w_dw.shape
     k_gr, _, head_dim, _ = params.w_gr.shape
-    heads_q, heads_kv = q_width // head_dim, kv_width // head_dim
-    groups = heads_q // heads_kv
+    heads_q, heads_kv = q_width // head_dim, k0.shape[2] // head_dim
     history = k_dw - 1 + k_gr - 1
-    rotary_dim = cos.shape[-1]
     padded = -(-seq // block_s) * block_s
-    dtype = q0.dtype
-    # K zero columns before the sequence (no earlier tokens), the sequence, and padding up to whole tiles.
     ext = jnp.pad(jnp.concatenate([q0, k0], axis=-1), ((0, 0), (history, padded - seq), (0, 0)))
     seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], history, axis=1), segment_ids,
                            jnp.full((batch, padded - seq), -1, segment_ids.dtype)], axis=1).astype(jnp.int32)
-    cos_p = jnp.pad(cos, ((0, 0), (0, padded - seq), (0, 0)))
-    sin_p = jnp.pad(sin, ((0, 0), (0, padded - seq), (0, 0)))
-    whole = lambda *shape: pl.BlockSpec(shape, lambda b, i, g: (0,) * len(shape))  # noqa: E731
-    kernel = functools.partial(_kernel, block_s=block_s, heads_q=heads_q, head_dim=head_dim, groups=groups,
-                               k_dw=k_dw, k_gr=k_gr, rotary_dim=rotary_dim, eps=float(jnp.finfo(dtype).eps))
+    pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)))  # noqa: E731
+    dims = dict(block_s=block_s, heads_q=heads_q, head_dim=head_dim, groups=heads_q // heads_kv, k_dw=k_dw,
+                k_gr=k_gr)
+    return _Layout(ext, seg, pad_rows(cos), pad_rows(sin), dims, seq, padded)
+
+
+def _in_specs(lay: _Layout, params: PrologueParams):
+    batch, rows, channels = lay.ext.shape
+    rotary = lay.cos.shape[-1]
+    bs = lay.dims["block_s"]
+    whole = lambda shape: pl.BlockSpec(shape, lambda b, i, g: (0,) * len(shape))  # noqa: E731
+    return [pl.BlockSpec((None, rows, channels), lambda b, i, g: (b, 0, 0)),
+            pl.BlockSpec((None, rows), lambda b, i, g: (b, 0)),
+            pl.BlockSpec((None, bs, rotary), lambda b, i, g: (b, i, 0)),
+            pl.BlockSpec((None, bs, rotary), lambda b, i, g: (b, i, 0))] + [whole(p.shape) for p in params]
+
+
+def _grid(lay: _Layout, heads_kv: int):
+    return (lay.ext.shape[0], lay.padded // lay.dims["block_s"], heads_kv)
+
+
+def _fused_forward(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int, interpret):
+    lay = _layout(q0, k0, segment_ids, cos, sin, params, block_s)
+    batch, d, g = q0.shape[0], lay.dims["head_dim"], lay.dims["groups"]
+    heads_q, heads_kv = lay.dims["heads_q"], k0.shape[2] // d
+    dtype = q0.dtype
     q, k = pl.pallas_call(
-        kernel,
-        grid=(batch, padded // block_s, heads_kv),
-        in_specs=[
-            pl.BlockSpec((None, padded + history, channels), lambda b, i, g: (b, 0, 0)),
-            pl.BlockSpec((None, padded + history), lambda b, i, g: (b, 0)),
-            pl.BlockSpec((None, block_s, rotary_dim), lambda b, i, g: (b, i, 0)),
-            pl.BlockSpec((None, block_s, rotary_dim), lambda b, i, g: (b, i, 0)),
-            whole(k_dw, channels), whole(channels), whole(*params.w_gr.shape), whole(channels), whole(heads_kv),
-        ],
-        out_specs=[pl.BlockSpec((None, block_s, groups * head_dim), lambda b, i, g: (b, i, g)),
-                   pl.BlockSpec((None, block_s, head_dim), lambda b, i, g: (b, i, g))],
-        out_shape=[jax.ShapeDtypeStruct((batch, padded, q_width), dtype),
-                   jax.ShapeDtypeStruct((batch, padded, kv_width), dtype)],
+        functools.partial(_forward_kernel, rotary_dim=cos.shape[-1], eps=float(jnp.finfo(dtype).eps), **lay.dims),
+        grid=_grid(lay, heads_kv),
+        in_specs=_in_specs(lay, params),
+        out_specs=[pl.BlockSpec((None, block_s, g * d), lambda b, i, h: (b, i, h)),
+                   pl.BlockSpec((None, block_s, d), lambda b, i, h: (b, i, h))],
+        out_shape=[jax.ShapeDtypeStruct((batch, lay.padded, heads_q * d), dtype),
+                   jax.ShapeDtypeStruct((batch, lay.padded, heads_kv * d), dtype)],
         interpret=interpret,
         name="cca_prologue",
-    )(ext, seg, cos_p, sin_p, *params)
-    return (q[:, :seq].reshape(batch, seq, heads_q, head_dim), k[:, :seq].reshape(batch, seq, heads_kv, head_dim))
+    )(lay.ext, lay.seg, lay.cos, lay.sin, *params)
+    seq = lay.seq
+    return q[:, :seq].reshape(batch, seq, heads_q, d), k[:, :seq].reshape(batch, seq, heads_kv, d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def fused_prologue(q0, k0, segment_ids, cos, sin, params, reference, block_s=64, interpret=False):
-    """See the module docstring. `reference(q0, k0, segment_ids, cos, sin, params) -> (q, k)` is the XLA
-    function the kernel equals; its VJP is the backward."""
+def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, dk, block_s: int, interpret):
+    lay = _layout(q0, k0, segment_ids, cos, sin, params, block_s)
+    batch, seq, d, g = q0.shape[0], lay.seq, lay.dims["head_dim"], lay.dims["groups"]
+    k_dw, k_gr = lay.dims["k_dw"], lay.dims["k_gr"]
+    heads_q, heads_kv = lay.dims["heads_q"], k0.shape[2] // d
+    tiles = lay.padded // block_s
+    pad_rows = lambda x: jnp.pad(x.reshape(batch, seq, -1), ((0, 0), (0, lay.padded - seq), (0, 0)))  # noqa: E731
+    f32 = jnp.float32
+    tile = lambda width: pl.BlockSpec((None, block_s, width), lambda b, i, h: (b, i, h))  # noqa: E731
+    outputs = pl.pallas_call(
+        functools.partial(_backward_kernel, rotary_dim=cos.shape[-1], eps=float(jnp.finfo(q0.dtype).eps),
+                          **lay.dims),
+        grid=_grid(lay, heads_kv),
+        in_specs=_in_specs(lay, params) + [tile(g * d), tile(d)],
+        out_specs=[
+            pl.BlockSpec((None, block_s, k_gr, g * d), lambda b, i, h: (b, i, 0, h)),  # d depthwise, q columns
+            pl.BlockSpec((None, block_s, k_gr, d), lambda b, i, h: (b, i, 0, h)),  # d depthwise, k columns
+            tile(g * d), tile(d),  # the q-k mean's direct gradients of q0, k0
+            pl.BlockSpec((None, None, k_gr, g, d, d), lambda b, i, h: (b, i, 0, h, 0, 0)),  # per-tile d w_gr
+            pl.BlockSpec((None, None, k_gr, 1, d, d), lambda b, i, h: (b, i, 0, h, 0, 0)),
+            pl.BlockSpec((None, None, g * d), lambda b, i, h: (b, i, h)),  # per-tile d b_gr
+            pl.BlockSpec((None, None, d), lambda b, i, h: (b, i, h)),
+            pl.BlockSpec((None, None, 1), lambda b, i, h: (b, i, h)),  # per-tile d temperature
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, lay.padded, k_gr, heads_q * d), f32),
+            jax.ShapeDtypeStruct((batch, lay.padded, k_gr, heads_kv * d), f32),
+            jax.ShapeDtypeStruct((batch, lay.padded, heads_q * d), f32),
+            jax.ShapeDtypeStruct((batch, lay.padded, heads_kv * d), f32),
+            jax.ShapeDtypeStruct((batch, tiles, k_gr, heads_q, d, d), f32),
+            jax.ShapeDtypeStruct((batch, tiles, k_gr, heads_kv, d, d), f32),
+            jax.ShapeDtypeStruct((batch, tiles, heads_q * d), f32),
+            jax.ShapeDtypeStruct((batch, tiles, heads_kv * d), f32),
+            jax.ShapeDtypeStruct((batch, tiles, heads_kv), f32),
+        ],
+        interpret=interpret,
+        name="cca_prologue_backward",
+    )(lay.ext, lay.seg, lay.cos, lay.sin, *params, pad_rows(dq), pad_rows(dk))
+    d_dw_q, d_dw_k, direct_q, direct_k, dw_q, dw_k, db_q, db_k, dtemp = outputs
+
+    # The depthwise conv's transpose, an elementwise stencil over the K + 1 shifts (XLA fuses it):
+    # D_j2(t) = b_dw + sum_j1 w_dw[j1] * m_s(t) P(t - s), s = K - j1 - j2, m_s = same document.
+    history = k_dw - 1 + k_gr - 1
+    d_dw = jnp.concatenate([d_dw_q, d_dw_k], axis=-1)[:, :seq]  # [B, S, k_gr, C]
+    ext = lay.ext[:, :history + seq].astype(f32)
+    seg = lay.seg[:, :history + seq]
+    here = seg[:, history:]
+    w_dw = params.w_dw.astype(f32)
+    d_ext = jnp.zeros(ext.shape, f32)
+    d_w_dw = [jnp.zeros(w_dw.shape[1:], f32) for _ in range(k_dw)]
+    for shift in range(history + 1):
+        same = (jax.lax.dynamic_slice_in_dim(seg, history - shift, seq, axis=1) == here)[..., None]
+        column = jnp.where(same, jax.lax.dynamic_slice_in_dim(ext, history - shift, seq, axis=1), 0)
+        d_column = jnp.zeros((batch, seq, ext.shape[-1]), f32)
+        for j1 in range(k_dw):
+            j2 = history - shift - j1
+            if 0 <= j2 < k_gr:
+                d_column += w_dw[j1] * d_dw[:, :, j2]
+                d_w_dw[j1] += jnp.sum(d_dw[:, :, j2] * column, axis=(0, 1))
+        d_ext = d_ext.at[:, history - shift:history - shift + seq].add(jnp.where(same, d_column, 0))
+    d_packed = d_ext[:, history:]
+    dq0 = d_packed[..., :heads_q * d] + direct_q[:, :seq]
+    dk0 = d_packed[..., heads_q * d:] + direct_k[:, :seq]
+    d_params = PrologueParams(
+        w_dw=jnp.stack(d_w_dw),
+        b_dw=jnp.sum(d_dw, axis=(0, 1, 2)),
+        w_gr=jnp.concatenate([dw_q.sum((0, 1)), dw_k.sum((0, 1))], axis=1),
+        b_gr=jnp.concatenate([db_q.sum((0, 1)), db_k.sum((0, 1))]),
+        temperature=dtemp.sum((0, 1)),
+    )
+    d_params = PrologueParams(*(x.astype(p.dtype) for x, p in zip(d_params, params)))
+    return dq0.astype(q0.dtype), dk0.astype(k0.dtype), d_params
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def fused_prologue(q0, k0, segment_ids, cos, sin, params, block_s=64, interpret=False):
+    """See the module docstring."""
     return _fused_forward(q0, k0, segment_ids, cos, sin, params, block_s, interpret)
 
 
-def _fwd(q0, k0, segment_ids, cos, sin, params, reference, block_s, interpret):
+def _fwd(q0, k0, segment_ids, cos, sin, params, block_s, interpret):
     out = _fused_forward(q0, k0, segment_ids, cos, sin, params, block_s, interpret)
     return out, (q0, k0, segment_ids, cos, sin, params)
 
 
-def _bwd(reference, block_s, interpret, saved, cotangents):
+def _bwd(block_s, interpret, saved, cotangents):
     q0, k0, segment_ids, cos, sin, params = saved
-    _, vjp = jax.vjp(lambda q0, k0, cos, sin, params: reference(q0, k0, segment_ids, cos, sin, params),
-                     q0, k0, cos, sin, params)
-    dq0, dk0, dcos, dsin, dparams = vjp(cotangents)
-    return dq0, dk0, jnp.zeros(segment_ids.shape, jax.dtypes.float0), dcos, dsin, dparams
+    dq, dk = cotangents
+    dq0, dk0, d_params = _fused_backward(q0, k0, segment_ids, cos, sin, params, dq, dk, block_s, interpret)
+    # cos and sin come from integer positions: nothing upstream of them is differentiable.
+    zero = jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+    return dq0, dk0, zero, jnp.zeros_like(cos), jnp.zeros_like(sin), d_params
 
 
 fused_prologue.defvjp(_fwd, _bwd)
