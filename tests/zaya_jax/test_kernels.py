@@ -183,3 +183,35 @@ def test_fused_prologue_matches_the_reference_and_its_gradients(dtype, kernels):
     names = ["q0", "k0", *PrologueParams._fields]
     for name, g, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
         assert g.dtype == dtype and _rel(g, w) < TOLERANCE[dtype], name
+
+
+def test_every_kernel_lowers_for_cuda_through_triton():
+    """Cross-platform lowering on the CPU: the Pallas -> Triton translation of each kernel, forward and backward,
+    at ZAYA1-8B's shapes (bf16, 8 query / 2 KV heads of 128). Compiling and running need the GPU."""
+    from jax import export
+
+    from zaya_jax.cca import prologue_reference  # noqa: F401  (the model module imports the kernel's params type)
+    from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
+
+    bf16, s = jnp.bfloat16, jax.ShapeDtypeStruct
+    q, k, seg = s((1, 256, 8, 128), bf16), s((1, 256, 2, 128), bf16), s((1, 256), jnp.int32)
+    flash = lambda q, k, v, g, i: flash_attention(q, k, v, g, g, i, i, 128, 128, False)  # noqa: E731
+    params = PrologueParams(s((2, 1280), bf16), s((1280,), bf16), s((2, 10, 128, 128), bf16), s((1280,), bf16),
+                            s((2,), bf16))
+    prologue_args = (s((1, 256, 1024), bf16), s((1, 256, 256), bf16), seg, s((1, 256, 64), jnp.float32),
+                     s((1, 256, 64), jnp.float32), params)
+    prologue = lambda *a: fused_prologue(*a, 64, False)  # noqa: E731
+    total = lambda fn: lambda *a: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*a)))  # noqa: E731
+    cases = {
+        "flash": (flash, (q, k, k, seg, seg)),
+        "flash backward": (jax.grad(total(flash), argnums=(0, 1, 2)), (q, k, k, seg, seg)),
+        "decode": (lambda *a: decode_attention(*a, block_k=128),
+                   (s((1, 8, 128), bf16), s((1, 2, 1024, 128), bf16), s((1, 2, 1024, 128), bf16),
+                    s((1, 1024), jnp.int32), s((), jnp.int32))),
+        "prologue": (prologue, prologue_args),
+        "prologue backward": (jax.grad(total(prologue), argnums=(0, 1, 5)), prologue_args),
+    }
+    triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for name, (fn, args) in cases.items():
+        module = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=triton)(*args).mlir_module()
+        assert "__gpu$xla.gpu.triton" in module, name

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from zaya_jax.kernels import compiler_params
+
 
 class PrologueParams(NamedTuple):
     w_dw: jax.Array  # [k_dw, C] depthwise taps
@@ -42,67 +44,75 @@ def _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, *, blo
     """The group's pre-norm q and k on this tile, recomputed from the packed columns (forward and backward).
 
     -> (u [G + 1] of [bs, D] in dtype (the G query heads, then the KV head), depthwise[j2] [G + 1] of [bs, D],
-        the group's weights w_gr[j2][G + 1] of [D, D])."""
+        the group's weights w_gr[j2][G + 1] of [D, D]). Every head's columns are loaded from the refs rather than
+    sliced out of a loaded value, which the Triton lowering does not support."""
     g = pl.program_id(2)
     history = k_dw - 1 + k_gr - 1
     row0 = pl.program_id(1) * block_s
     d = head_dim
     seg = seg_ref[pl.ds(row0 + history, block_s)]
+    heads = [(g * groups * d + h * d, g * groups + h) for h in range(groups)]  # (first column, head index)
+    heads.append((heads_q * d + g * d, heads_q + g))
 
-    def column(shift, cols):  # P_{t - shift} for the tile, zero across a document boundary
-        rows = pl.ds(row0 + history - shift, block_s)
-        return jnp.where((seg_ref[rows] == seg)[:, None], ext_ref[rows, cols], 0).astype(dtype)
+    u, depthwise, weights, p0 = [], [[] for _ in range(k_gr)], [[] for _ in range(k_gr)], []
+    for col, head in heads:
+        cols = pl.ds(col, d)
+        shifted = []  # P_{t - shift} for the tile, zero across a document boundary
+        for shift in range(history + 1):
+            rows = pl.ds(row0 + history - shift, block_s)
+            shifted.append(jnp.where((seg_ref[rows] == seg)[:, None], ext_ref[rows, cols], 0).astype(dtype))
+        b_dw = b_dw_ref[cols].astype(jnp.float32)
+        acc = jnp.zeros((block_s, d), jnp.float32)
+        for j2 in range(k_gr):
+            # Elementwise math in float32 (the Triton lowering has no bf16 arithmetic), then the compute dtype.
+            dw = (b_dw + sum(w_dw_ref[j1, cols].astype(jnp.float32) * shifted[history - j1 - j2].astype(jnp.float32)
+                             for j1 in range(k_dw))).astype(dtype)
+            w = w_gr_ref[j2, head].astype(dtype)
+            depthwise[j2].append(dw)
+            weights[j2].append(w)
+            # Products in the compute dtype, taps summed in float32 (as the reference).
+            acc += jnp.dot(dw, w, preferred_element_type=jnp.float32).astype(dtype).astype(jnp.float32)
+        u.append((acc + b_gr_ref[cols].astype(jnp.float32)).astype(dtype))
+        p0.append(shifted[0])
+    # Arithmetic in float32, rounded to the compute dtype where the reference rounds.
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    q_means = [(0.5 * (f32(p0[h]) + f32(p0[groups]))).astype(dtype) for h in range(groups)]
+    k_mean = (sum(f32(m) for m in q_means) / groups).astype(dtype)
+    u_q = [(f32(u[h]) + f32(q_means[h])).astype(dtype) for h in range(groups)]
+    return u_q + [(f32(u[groups]) + f32(k_mean)).astype(dtype)], depthwise, weights
 
-    u, depthwise, weights = [], [[] for _ in range(k_gr)], [[] for _ in range(k_gr)]
-    p0 = []
-    for cols, heads, first_head in ((pl.ds(g * groups * d, groups * d), groups, g * groups),
-                                    (pl.ds(heads_q * d + g * d, d), 1, heads_q + g)):
-        shifted = [column(shift, cols) for shift in range(history + 1)]
-        w_dw, b_dw, b_gr = w_dw_ref[:, cols].astype(dtype), b_dw_ref[cols].astype(dtype), b_gr_ref[cols]
-        for h in range(heads):
-            head = slice(h * d, (h + 1) * d)
-            acc = jnp.zeros((block_s, d), jnp.float32)
-            for j2 in range(k_gr):
-                dw = b_dw[head] + sum(w_dw[j1, head] * shifted[history - j1 - j2][:, head] for j1 in range(k_dw))
-                w = w_gr_ref[j2, first_head + h].astype(dtype)
-                depthwise[j2].append(dw)
-                weights[j2].append(w)
-                # Products in the compute dtype, taps summed in float32 (as the reference).
-                acc += jnp.dot(dw, w, preferred_element_type=jnp.float32).astype(dtype).astype(jnp.float32)
-            u.append((acc + b_gr[head].astype(jnp.float32)).astype(dtype))
-            p0.append(shifted[0][:, head])
-    q_means = [0.5 * (p0[h] + p0[groups]) for h in range(groups)]
-    k_mean = sum(q_means) / groups
-    u = [u[h] + q_means[h] for h in range(groups)] + [u[groups] + k_mean]
-    return u, depthwise, weights
+
+def _rotate(x, rotate_ref):
+    """x @ R: rotate-half on the rotary dims as a signed permutation matrix (exact; no value slicing)."""
+    # Exact in bf16 (one +-1 per column, float32 accumulation); float32 asks for full precision (not tf32).
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.dot(x, rotate_ref[...].astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
 
 
-def _forward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref, q_ref,
-                    k_ref, *, rotary_dim, eps, **dims):
+def _forward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref,
+                    q_ref, k_ref, *, eps, **dims):
     d, groups = dims["head_dim"], dims["groups"]
     dtype = q_ref.dtype
     u, _, _ = _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, dtype=dtype, **dims)
-    cos, sin = cos_ref[...].astype(dtype), sin_ref[...].astype(dtype)
-    half = rotary_dim // 2
+    # cos / sin are [bs, D]: 1 / 0 past the rotary dims, so RoPE is x * cos + (x R) * sin over the whole head
+    # (rounded to the compute dtype as the reference rounds them).
+    cos = cos_ref[...].astype(dtype).astype(jnp.float32)
+    sin = sin_ref[...].astype(dtype).astype(jnp.float32)
 
-    def finish(x, out_ref, col0, scale):
+    def finish(x, scale):
         x32 = x.astype(jnp.float32)
         norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
         x = (x32 * (d**0.5 / jnp.maximum(norm, eps)) * scale).astype(dtype)
-        x1, x2 = x[:, :half], x[:, half:rotary_dim]
-        out_ref[:, col0:col0 + half] = x1 * cos[:, :half] - x2 * sin[:, :half]
-        out_ref[:, col0 + half:col0 + rotary_dim] = x2 * cos[:, half:] + x1 * sin[:, half:]
-        if rotary_dim < d:
-            out_ref[:, col0 + rotary_dim:col0 + d] = x[:, rotary_dim:]
+        return (x.astype(jnp.float32) * cos + _rotate(x, rotate_ref) * sin).astype(dtype)
 
     for h in range(groups):
-        finish(u[h], q_ref, h * d, 1.0)
-    finish(u[groups], k_ref, 0, temp_ref[pl.program_id(2)].astype(jnp.float32))
+        q_ref[:, h * d:(h + 1) * d] = finish(u[h], 1.0)
+    k_ref[...] = finish(u[groups], temp_ref[pl.program_id(2)].astype(jnp.float32))
 
 
-def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref, dq_ref,
-                     dk_ref, d_dw_q_ref, d_dw_k_ref, direct_q_ref, direct_k_ref, dw_q_ref, dw_k_ref, db_q_ref,
-                     db_k_ref, dtemp_ref, *, rotary_dim, eps, **dims):
+def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref,
+                     dq_ref, dk_ref, d_dw_q_ref, d_dw_k_ref, direct_q_ref, direct_k_ref, dw_q_ref, dw_k_ref, db_q_ref,
+                     db_k_ref, dtemp_ref, *, eps, **dims):
     """Per tile: back through RoPE, the norm and temperature, the q-k mean and the grouped conv. Writes the
     gradients of the depthwise outputs (the depthwise conv's transpose is an elementwise stencil, left to XLA),
     the q-k mean's direct gradients of q0 / k0, and this tile's partial sums of the grouped weights, biases and
@@ -112,15 +122,14 @@ def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_g
     u, depthwise, weights = _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, dtype=dtype,
                                         **dims)
     cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
-    half = rotary_dim // 2
     temperature = temp_ref[pl.program_id(2)].astype(jnp.float32)
 
     def back(x, d_out, scale):
-        """d(out)/d(u) for out = RoPE(sqrt(D) * scale * u / max(|u|, eps)) -> (du, d(out) . out / scale)."""
+        """d(out)/d(u) for out = RoPE(sqrt(D) * scale * u / max(|u|, eps)) -> (du, sum of d(out) . out / scale)."""
         do = d_out.astype(jnp.float32)
-        do1, do2 = do[:, :half], do[:, half:rotary_dim]
-        dn = jnp.concatenate([do1 * cos[:, :half] + do2 * sin[:, half:], do2 * cos[:, half:] - do1 * sin[:, :half],
-                              do[:, rotary_dim:]], axis=-1)
+        # out = n cos + (n R) sin  ->  dn = do cos + (do sin) R^T
+        dn = do * cos + jax.lax.dot_general(do * sin, rotate_ref[...].astype(jnp.float32), (((1,), (1,)), ((), ())),
+                                            preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
         x32 = x.astype(jnp.float32)
         r = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
         unit = x32 / jnp.maximum(r, eps)
@@ -129,9 +138,7 @@ def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_g
                        (c / eps) * dn)
         return du, jnp.sum(dn * unit) * d**0.5
 
-    du = []
-    for h in range(groups):
-        du.append(back(u[h], dq_ref[:, h * d:(h + 1) * d], 1.0)[0])
+    du = [back(u[h], dq_ref[:, h * d:(h + 1) * d], 1.0)[0] for h in range(groups)]
     du_k, dtemp = back(u[groups], dk_ref[...], temperature)
     du.append(du_k)
     dtemp_ref[0] = dtemp
@@ -141,11 +148,12 @@ def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, w_dw_ref, b_dw_ref, w_g
     direct_k_ref[...] = 0.5 * sum(d_mean)
     for h in range(groups + 1):
         dz = du[h]
-        bias_ref, col = (db_q_ref, h * d) if h < groups else (db_k_ref, 0)
+        q_head = h < groups
+        bias_ref, col = (db_q_ref, h * d) if q_head else (db_k_ref, 0)
         bias_ref[col:col + d] = jnp.sum(dz, axis=0)
         for j2 in range(k_gr):
-            w_ref, d_dw_ref, col = (dw_q_ref, d_dw_q_ref, h * d) if h < groups else (dw_k_ref, d_dw_k_ref, 0)
-            w_ref[j2, h if h < groups else 0] = jax.lax.dot_general(
+            w_ref, d_dw_ref = (dw_q_ref, d_dw_q_ref) if q_head else (dw_k_ref, d_dw_k_ref)
+            w_ref[j2, h if q_head else 0] = jax.lax.dot_general(
                 depthwise[j2][h].astype(jnp.float32), dz, (((0,), (0,)), ((), ())),
                 preferred_element_type=jnp.float32)
             d_dw_ref[:, j2, col:col + d] = jax.lax.dot_general(
@@ -157,8 +165,9 @@ class _Layout(NamedTuple):
 
     ext: jax.Array  # [B, K + S', C]: K zero columns (no earlier tokens), the sequence, padding to whole tiles
     seg: jax.Array  # [B, K + S'] int32 (padding -1)
-    cos: jax.Array  # [B, S', R]
-    sin: jax.Array
+    cos: jax.Array  # [B, S', D] float32 (1 past the rotary dims)
+    sin: jax.Array  # [B, S', D] float32 (0 past the rotary dims)
+    rotate: jax.Array  # [D, D]: x @ rotate = rotate_half(x) on the rotary dims, 0 elsewhere
     dims: dict
     seq: int
     padded: int
@@ -174,21 +183,29 @@ def _layout(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int)
     ext = jnp.pad(jnp.concatenate([q0, k0], axis=-1), ((0, 0), (history, padded - seq), (0, 0)))
     seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], history, axis=1), segment_ids,
                            jnp.full((batch, padded - seq), -1, segment_ids.dtype)], axis=1).astype(jnp.int32)
-    pad_rows = lambda x: jnp.pad(x, ((0, 0), (0, padded - seq), (0, 0)))  # noqa: E731
+    rotary = cos.shape[-1]
+    # Full-width cos / sin: 1 and 0 on the dims RoPE leaves alone.
+    widen = lambda x, fill: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, padded - seq), (0, head_dim - rotary)),  # noqa: E731
+                                    constant_values=fill)
+    half = rotary // 2
+    index = jnp.arange(half)
+    rotate = (jnp.zeros((head_dim, head_dim), jnp.float32)  # x R = rotate_half(x) on the rotary dims
+              .at[index + half, index].set(-1.0).at[index, index + half].set(1.0))
     dims = dict(block_s=block_s, heads_q=heads_q, head_dim=head_dim, groups=heads_q // heads_kv, k_dw=k_dw,
                 k_gr=k_gr)
-    return _Layout(ext, seg, pad_rows(cos), pad_rows(sin), dims, seq, padded)
+    return _Layout(ext, seg, widen(cos, 1.0), widen(sin, 0.0), rotate, dims, seq, padded)
 
 
 def _in_specs(lay: _Layout, params: PrologueParams):
     batch, rows, channels = lay.ext.shape
-    rotary = lay.cos.shape[-1]
+    d = lay.dims["head_dim"]
     bs = lay.dims["block_s"]
     whole = lambda shape: pl.BlockSpec(shape, lambda b, i, g: (0,) * len(shape))  # noqa: E731
     return [pl.BlockSpec((None, rows, channels), lambda b, i, g: (b, 0, 0)),
             pl.BlockSpec((None, rows), lambda b, i, g: (b, 0)),
-            pl.BlockSpec((None, bs, rotary), lambda b, i, g: (b, i, 0)),
-            pl.BlockSpec((None, bs, rotary), lambda b, i, g: (b, i, 0))] + [whole(p.shape) for p in params]
+            pl.BlockSpec((None, bs, d), lambda b, i, g: (b, i, 0)),
+            pl.BlockSpec((None, bs, d), lambda b, i, g: (b, i, 0)),
+            whole((d, d))] + [whole(p.shape) for p in params]
 
 
 def _grid(lay: _Layout, heads_kv: int):
@@ -201,7 +218,7 @@ def _fused_forward(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_
     heads_q, heads_kv = lay.dims["heads_q"], k0.shape[2] // d
     dtype = q0.dtype
     q, k = pl.pallas_call(
-        functools.partial(_forward_kernel, rotary_dim=cos.shape[-1], eps=float(jnp.finfo(dtype).eps), **lay.dims),
+        functools.partial(_forward_kernel, eps=float(jnp.finfo(dtype).eps), **lay.dims),
         grid=_grid(lay, heads_kv),
         in_specs=_in_specs(lay, params),
         out_specs=[pl.BlockSpec((None, block_s, g * d), lambda b, i, h: (b, i, h)),
@@ -209,8 +226,9 @@ def _fused_forward(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_
         out_shape=[jax.ShapeDtypeStruct((batch, lay.padded, heads_q * d), dtype),
                    jax.ShapeDtypeStruct((batch, lay.padded, heads_kv * d), dtype)],
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="cca_prologue",
-    )(lay.ext, lay.seg, lay.cos, lay.sin, *params)
+    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *params)
     seq = lay.seq
     return q[:, :seq].reshape(batch, seq, heads_q, d), k[:, :seq].reshape(batch, seq, heads_kv, d)
 
@@ -225,8 +243,7 @@ def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, d
     f32 = jnp.float32
     tile = lambda width: pl.BlockSpec((None, block_s, width), lambda b, i, h: (b, i, h))  # noqa: E731
     outputs = pl.pallas_call(
-        functools.partial(_backward_kernel, rotary_dim=cos.shape[-1], eps=float(jnp.finfo(q0.dtype).eps),
-                          **lay.dims),
+        functools.partial(_backward_kernel, eps=float(jnp.finfo(q0.dtype).eps), **lay.dims),
         grid=_grid(lay, heads_kv),
         in_specs=_in_specs(lay, params) + [tile(g * d), tile(d)],
         out_specs=[
@@ -251,8 +268,9 @@ def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, d
             jax.ShapeDtypeStruct((batch, tiles, heads_kv), f32),
         ],
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="cca_prologue_backward",
-    )(lay.ext, lay.seg, lay.cos, lay.sin, *params, pad_rows(dq), pad_rows(dk))
+    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *params, pad_rows(dq), pad_rows(dk))
     d_dw_q, d_dw_k, direct_q, direct_k, dw_q, dw_k, db_q, db_k, dtemp = outputs
 
     # The depthwise conv's transpose, an elementwise stencil over the K + 1 shifts (XLA fuses it):

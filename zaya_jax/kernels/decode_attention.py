@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from zaya_jax.kernels import compiler_params
+
 _MASKED = -1e30
 
 
@@ -71,6 +73,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="cca_decode_attention",
     )(jnp.reshape(position, (1,)).astype(jnp.int32), qg, k_cache, v_cache, valid.astype(jnp.int32))
     return out.reshape(batch, heads_q, head_dim)

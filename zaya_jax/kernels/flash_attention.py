@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from zaya_jax.kernels import compiler_params
+
 _MASKED = -1e30  # as in attention.py: finite, so fully masked padding rows stay finite
 _Q_PAD, _KV_PAD = -2, -3  # segment ids of padding rows: they match nothing real and not each other
 
@@ -171,6 +173,7 @@ def _forward(q, k, v, q_segments, kv_segments, q_index, kv_index, block_q, block
         out_shape=[jax.ShapeDtypeStruct(qh.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads_q, s_pad), jnp.float32)],
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="cca_flash_forward",
     )(qh, kh, vh, qs, ks, qi, ki)
     return out[:, :, :seq_q].transpose(0, 2, 1, 3), (qh, kh, vh, qs, ks, qi, ki, out, lse)
@@ -204,6 +207,7 @@ def _flash_bwd(block_q, block_k, interpret, saved, d_out):
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qh.shape, qh.dtype),
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="cca_flash_dq",
     )(qh, kh, vh, qs, ks, qi, ki, do, lse, delta)
 
@@ -221,6 +225,7 @@ def _flash_bwd(block_q, block_k, interpret, saved, d_out):
         out_specs=[k_tile, k_tile],
         out_shape=[jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(vh.shape, vh.dtype)],
         interpret=interpret,
+        compiler_params=compiler_params(interpret),
         name="cca_flash_dkv",
     )(qh, kh, vh, qs, ks, qi, ki, do, lse, delta)
 
