@@ -43,6 +43,7 @@ from train.metrics import MetricsWriter, ProgressBar
 from train.optim import make_optimizer, make_schedule
 from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_loss_curve, plot_routing_entropy
 from train.step import TrainState, init_train_state, make_train_step
+from zaya_jax.attention import check_backend
 from zaya_jax.hf_io import load_pretrained
 from zaya_jax.model import parameter_counts
 
@@ -181,6 +182,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     [L, E] per entry, "balancing_bias", "routing_entropy"): live plots in a notebook."""
     start_time = time.perf_counter()
     run = cfg.train
+    check_backend(cfg.model.attention_impl)  # before the run directory is written
     os.makedirs(run.run_dir, exist_ok=True)
     primary = jax.process_index() == 0  # one process writes the run's files; every process checkpoints (orbax)
 

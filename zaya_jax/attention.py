@@ -78,9 +78,16 @@ def pallas_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax
     return flash_attention(q, k, v, q_segments, kv_segments, q_index, kv_index, block, block, interpret)
 
 
-def cudnn_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax.Array:
-    if jax.default_backend() != "gpu":
+def check_backend(impl: str) -> None:
+    """Raises the ValueError `attend` would raise for `impl` on this backend, before any work is done."""
+    if impl == "pallas":
+        pallas_interpret(impl)
+    elif impl == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention_impl 'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()}")
+
+
+def cudnn_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax.Array:
+    check_backend("cudnn")
     allowed = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_index[:, None, :] <= q_index[:, :, None])
     return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
 

@@ -139,6 +139,13 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert "query_heads (4) must be divisible by kv_heads (3)" in capsys.readouterr().err
     assert export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a zaya-train run directory" in capsys.readouterr().err
+    # A kernel this machine cannot run: one line, and no run directory left behind.
+    run_dir = tmp_path / "gpu_run"
+    assert train_main(["--config", "configs/tiny.yaml", "--set", "model.attention_impl=cudnn",
+                       "--set", f"train.run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "attention_impl 'cudnn' needs a CUDA GPU; this process runs on cpu" in err
+    assert not run_dir.exists()
 
 
 def test_heldout_greedy_completions_equal_an_uncached_argmax_loop(straight_run):
