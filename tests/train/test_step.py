@@ -82,7 +82,7 @@ def test_accumulated_micro_batches_equal_one_batch():
 def test_non_finite_loss_skips_the_update():
     _, state, step = _setup()
     poisoned = jax.tree.map(lambda x: x, state.params)
-    poisoned["final_norm"]["weight"].value = poisoned["final_norm"]["weight"].value.at[0].set(jnp.nan)
+    poisoned["final_norm"]["weight"][...] = poisoned["final_norm"]["weight"][...].at[0].set(jnp.nan)
     state = state._replace(params=poisoned)
     new_state, metrics = step(state, _batch())
     assert int(metrics["skipped"]) == 1 and not np.isfinite(float(metrics["loss"]))
