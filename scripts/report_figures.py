@@ -170,7 +170,7 @@ def kernels() -> None:
 def inference() -> None:
     import importlib
 
-    from tests.zaya_jax.test_generate import _prompts
+    from tests.zaya_jax.test_generate import _prompts, cached_vs_full_error
     from tests.zaya_jax.test_parity import _models
     from zaya_jax import generate, init_model
     from zaya_jax.cache import init_cache, kv_bytes_per_token
@@ -180,20 +180,7 @@ def inference() -> None:
 
     for name in ("gqa4x2", "mqa"):
         hf, model = _models(name)
-        ids, mask = _prompts(model.config.vocab_size, length=12)
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=jnp.asarray(positions)))
-        cache = init_cache(model.config, ids.shape[0], ids.shape[1])
-        step = jax.jit(model.cached_forward)
-        logits, cache = step(jnp.asarray(ids[:, :5]), jnp.asarray(positions[:, :5]), jnp.asarray(mask[:, :5]), cache)
-        cached = [np.asarray(logits)]
-        for t in range(5, ids.shape[1]):
-            logits, cache = step(jnp.asarray(ids[:, t:t + 1]), jnp.asarray(positions[:, t:t + 1]),
-                                 jnp.asarray(mask[:, t:t + 1]), cache)
-            cached.append(np.asarray(logits))
-        cached = np.concatenate(cached, axis=1)
-        real = mask.astype(bool)
-        err = np.abs(cached - full)[real].max() / np.abs(full[real]).max()
+        err = cached_vs_full_error(model)
         ids, mask = _prompts(model.config.vocab_size, seed=1)
         with torch.no_grad():
             ref = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=8,

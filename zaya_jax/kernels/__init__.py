@@ -4,6 +4,7 @@ fused convolution prologue forward and backward."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def compiler_params(interpret):
@@ -15,3 +16,17 @@ def compiler_params(interpret):
     from jax.experimental.pallas import triton as pltriton
 
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def online_softmax(carry, scores, v):
+    """One key tile of the online softmax (FlashAttention-2), inside a kernel.
+
+    carry = (acc [rows, D] float32, row max m [rows], row sum l [rows]); scores [rows, tile] float32 (masked
+    entries at a large negative value); v [tile, D]. Start from (0, -inf, 0); the output is acc / l and the row
+    log-sum-exp m + log(l)."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+    p = jnp.exp(scores - m_new[:, None])
+    correction = jnp.exp(m - m_new)
+    acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l * correction + jnp.sum(p, axis=1)

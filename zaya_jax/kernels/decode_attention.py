@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from zaya_jax.kernels import compiler_params
+from zaya_jax.kernels import compiler_params, online_softmax
 
 _MASKED = -1e30
 
@@ -31,18 +31,12 @@ def _decode_kernel(pos_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, *, block_k, s
     last = jnp.minimum(position // block_k + 1, k_ref.shape[0] // block_k)
 
     def body(j, carry):
-        acc, m, l = carry
         tile = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         s = jax.lax.dot_general(q, k_ref[tile, :], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale
         slots = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         s = jnp.where((valid_ref[tile][None, :] == 1) & (slots <= position), s, _MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        correction = jnp.exp(m - m_new)
-        v = v_ref[tile, :]
-        acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, l * correction + jnp.sum(p, axis=1)
+        return online_softmax(carry, s, v_ref[tile, :])
 
     init = (jnp.zeros((groups, head_dim), jnp.float32), jnp.full((groups,), -jnp.inf, jnp.float32),
             jnp.zeros((groups,), jnp.float32))

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from zaya_jax.kernels import compiler_params
+from zaya_jax.kernels import compiler_params, online_softmax
 
 _MASKED = -1e30  # as in attention.py: finite, so fully masked padding rows stay finite
 _Q_PAD, _KV_PAD = -2, -3  # segment ids of padding rows: they match nothing real and not each other
@@ -66,15 +66,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, qi_ref, ki_ref, o_ref, 
     last = jnp.minimum(jnp.max(q_idx) // block_k + 1, num_k)
 
     def body(j, carry):
-        acc, m, l = carry
         tile = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         s = _scores(q, k_ref[tile, :], q_seg, ks_ref[tile], q_idx, ki_ref[tile], scale)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        correction = jnp.exp(m - m_new)
-        v = v_ref[tile, :]
-        acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, l * correction + jnp.sum(p, axis=1)
+        return online_softmax(carry, s, v_ref[tile, :])
 
     init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
