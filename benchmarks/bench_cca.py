@@ -33,9 +33,9 @@ def median_ms(fn, repeats: int) -> float:
     return median_seconds(lambda: jax.block_until_ready(fn()), repeats) * 1e3
 
 
-def attention_case(impl, q, k, v, segments, index):
-    forward = jax.jit(lambda q, k, v: attend(q, k, v, segments, segments, index, index, impl))
-    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, segments, segments, index, index, impl)
+def attention_case(impl, q, k, v, segments):
+    forward = jax.jit(lambda q, k, v: attend(q, k, v, segments, segments, 0, impl))
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, segments, segments, 0, impl)
                                                      .astype(jnp.float32)), argnums=(0, 1, 2)))
     return (lambda: forward(q, k, v)), (lambda: grads(q, k, v))
 
@@ -73,10 +73,9 @@ def main() -> None:
         k = jax.random.normal(keys[1], (batch, seq, hkv, d), jnp.bfloat16)
         v = jax.random.normal(keys[2], (batch, seq, hkv, d), jnp.bfloat16)
         segments = jnp.ones((batch, seq), jnp.int32)
-        index = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         forward_flops = 4 * batch * hq * seq * seq * d / 2
         for impl in args.impls:
-            fwd, fwd_bwd = attention_case(impl, q, k, v, segments, index)
+            fwd, fwd_bwd = attention_case(impl, q, k, v, segments)
             for mode, fn, flops in (("forward", fwd, forward_flops), ("forward+backward", fwd_bwd, 3.5 * forward_flops)):
                 rows.append((f"attention {impl}", seq, batch, mode, timed(fn, args.repeats), flops))
 

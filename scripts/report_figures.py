@@ -117,15 +117,13 @@ def kernels() -> None:
     from zaya_jax.kernels.flash_attention import flash_attention
 
     segments = _packed_segments(2, 37)
-    index = jnp.broadcast_to(jnp.arange(37), (2, 37))
     for dtype in (jnp.float32, jnp.bfloat16):
         q, k, v = _inputs(dtype)
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
         flash = lambda *a: flash_attention(*a, 16, 8, POISONED)  # noqa: E731
-        loss = lambda fn, *a: jnp.sum(fn(*a, segments, segments, index, index).astype(jnp.float32) * w)  # noqa: E731
-        fwd = _rel(flash(q, k, v, segments, segments, index, index), xla_attention(*f32, segments, segments, index,
-                                                                                  index))
+        loss = lambda fn, *a: jnp.sum(fn(*a, segments, segments, 0).astype(jnp.float32) * w)  # noqa: E731
+        fwd = _rel(flash(q, k, v, segments, segments, 0), xla_attention(*f32, segments, segments, 0))
         got = jax.grad(lambda *a: loss(flash, *a), argnums=(0, 1, 2))(q, k, v)
         want = jax.grad(lambda *a: loss(xla_attention, *a), argnums=(0, 1, 2))(*f32)
         print(f"flash attention {jnp.dtype(dtype).name} (B2 S37 Hq4 Hkv2 D16, tiles 16x8, 3 segments + padding): "
@@ -141,8 +139,7 @@ def kernels() -> None:
         valid = jnp.asarray(valid)
         got = decode_attention(qd, kc, vc, valid, jnp.int32(13), block_k=8, interpret=POISONED)
         ref = xla_attention(qd.astype(jnp.float32)[:, None], kc.astype(jnp.float32).transpose(0, 2, 1, 3),
-                            vc.astype(jnp.float32).transpose(0, 2, 1, 3), jnp.ones((3, 1), jnp.int32), valid,
-                            jnp.full((3, 1), 13), jnp.broadcast_to(jnp.arange(21), (3, 21)))[:, 0]
+                            vc.astype(jnp.float32).transpose(0, 2, 1, 3), jnp.ones((3, 1), jnp.int32), valid, 13)[:, 0]
         print(f"decode attention {jnp.dtype(dtype).name} (B3 T21 position 13, tiles of 8): {_rel(got, ref):.2e}")
         from tests.zaya_jax.test_kernels import _prologue_inputs
         from zaya_jax.cca import prologue_reference

@@ -1,13 +1,15 @@
 """The attention interface: causal GQA softmax attention inside CCA's compressed latent.
 
     attend(q [B, S, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, D], q_segments [B, S], kv_segments [B, T],
-           q_index [B, S], kv_index [B, T], impl) -> [B, S, Hq, D]
+           q_start: int32 [], impl) -> [B, S, Hq, D]
     attend_cached(q [B, S, Hq, D], k_cache [B, Hkv, T, D], v_cache [B, Hkv, T, D], q_segments [B, S],
                   valid [B, T], start: int32 [], impl) -> [B, S, Hq, D]      S new tokens at slots start..start+S-1
 
-Query head h reads KV head h // (Hq // Hkv). A query attends to a key when both carry the same segment id (packed
-documents and left padding never mix) and the key's sequence index is not later than the query's (causal; sequence
-indices, not RoPE positions, which restart per packed document). Scores are scaled by 1/sqrt(D); softmax runs in
+Query i sits at sequence index q_start + i (the same for every row: 0 for a training sequence, the first new slot
+when new tokens attend to a cache), key j at index j. Query head h reads KV head h // (Hq // Hkv). A query attends
+to a key when both carry the same segment id (packed documents and left padding never mix) and the key's sequence
+index is not later than the query's (causal; sequence indices, not RoPE positions, which restart per packed
+document). Scores are scaled by 1/sqrt(D); softmax runs in
 float32.
 
 Implementations (`ZayaConfig.attention_impl`):
@@ -38,8 +40,7 @@ def xla_attention(
     v: jax.Array,
     q_segments: jax.Array,
     kv_segments: jax.Array,
-    q_index: jax.Array,
-    kv_index: jax.Array,
+    q_start: jax.Array | int = 0,
 ) -> jax.Array:
     """Reference attention materializing the [B, Hkv, G, S, T] score tensor (see module docstring for shapes)."""
     batch, seq, q_heads, head_dim = q.shape
@@ -47,10 +48,7 @@ def xla_attention(
     groups = q_heads // kv_heads
     qg = q.reshape(batch, seq, kv_heads, groups, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * (head_dim**-0.5)
-    allowed = (q_segments[:, :, None] == kv_segments[:, None, :]) & (
-        kv_index[:, None, :] <= q_index[:, :, None]
-    )
-    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+    scores = jnp.where(_allowed(q_segments, kv_segments, q_start)[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, seq, q_heads, head_dim).astype(q.dtype)
@@ -70,12 +68,19 @@ def pallas_interpret(impl: str):
                      f"{backend} (set ZAYA_PALLAS_INTERPRET=1 to run them in the Pallas interpreter, slowly)")
 
 
-def pallas_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax.Array:
+def _allowed(q_segments: jax.Array, kv_segments: jax.Array, q_start) -> jax.Array:
+    """[B, S, T] bool: same segment and causal in sequence index."""
+    q_index = q_start + jnp.arange(q_segments.shape[1])
+    kv_index = jnp.arange(kv_segments.shape[1])
+    return (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_index[None, :] <= q_index[:, None])[None]
+
+
+def pallas_attention(q, k, v, q_segments, kv_segments, q_start) -> jax.Array:
     from zaya_jax.kernels.flash_attention import flash_attention
 
     interpret = pallas_interpret("pallas")
     block = 16 if interpret is not False else 128  # small tiles keep the interpreter's per-tile overhead bounded
-    return flash_attention(q, k, v, q_segments, kv_segments, q_index, kv_index, block, block, interpret)
+    return flash_attention(q, k, v, q_segments, kv_segments, q_start, block, block, interpret)
 
 
 def check_backend(impl: str) -> None:
@@ -86,9 +91,9 @@ def check_backend(impl: str) -> None:
         raise ValueError(f"attention_impl 'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()}")
 
 
-def cudnn_attention(q, k, v, q_segments, kv_segments, q_index, kv_index) -> jax.Array:
+def cudnn_attention(q, k, v, q_segments, kv_segments, q_start) -> jax.Array:
     check_backend("cudnn")
-    allowed = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_index[:, None, :] <= q_index[:, :, None])
+    allowed = _allowed(q_segments, kv_segments, q_start)
     return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
 
 
@@ -102,27 +107,22 @@ def attend(
     v: jax.Array,
     q_segments: jax.Array,
     kv_segments: jax.Array,
-    q_index: jax.Array,
-    kv_index: jax.Array,
+    q_start: jax.Array | int = 0,
     impl: str = "xla",
 ) -> jax.Array:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {impl!r} is not available; available: {', '.join(ATTENTION_IMPLS)}")
-    return ATTENTION_IMPLS[impl](q, k, v, q_segments, kv_segments, q_index, kv_index)
+    return ATTENTION_IMPLS[impl](q, k, v, q_segments, kv_segments, q_start)
 
 
 def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, q_segments: jax.Array, valid: jax.Array,
                   start: jax.Array, impl: str = "xla") -> jax.Array:
     """S new tokens (already written at slots start..start+S-1) against the cache; see the module docstring."""
-    batch, seq = q.shape[:2]
-    if impl == "pallas" and seq == 1:
+    if impl == "pallas" and q.shape[1] == 1:
         from zaya_jax.kernels.decode_attention import decode_attention
 
         interpret = pallas_interpret(impl)
         out = decode_attention(q[:, 0], k_cache, v_cache, valid, start, block_k=16 if interpret is not False else 128,
                                interpret=interpret)
         return out[:, None]
-    q_index = jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))
-    kv_index = jnp.broadcast_to(jnp.arange(valid.shape[1]), valid.shape)
-    return attend(q, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3), q_segments, valid, q_index,
-                  kv_index, impl)
+    return attend(q, k_cache.transpose(0, 2, 1, 3), v_cache.transpose(0, 2, 1, 3), q_segments, valid, start, impl)

@@ -111,8 +111,7 @@ class CCAttention(nnx.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """x [B, S, H], segment_ids [B, S], positions [B, S] -> [B, S, H]."""
         q, k, v, _ = self.project(x, segment_ids, positions)
-        index = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        out = attend(q, k, v, segment_ids, segment_ids, index, index, self.config.attention_impl)
+        out = attend(q, k, v, segment_ids, segment_ids, 0, self.config.attention_impl)
         return self._output(out)
 
     def cached(

@@ -52,16 +52,15 @@ def _rel(a, b):
 def test_flash_attention_forward_and_gradients_match_xla(dtype):
     q, k, v = _inputs(dtype)
     segments = _packed_segments(2, 37)
-    index = jnp.broadcast_to(jnp.arange(37), (2, 37))
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
 
     def loss(fn, q, k, v):
-        return jnp.sum(fn(q, k, v, segments, segments, index, index).astype(jnp.float32) * weights)
+        return jnp.sum(fn(q, k, v, segments, segments, 0).astype(jnp.float32) * weights)
 
     flash = lambda *a: flash_attention(*a, 16, 8, POISONED)  # noqa: E731  tiles of 16 queries, 8 keys
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    reference = xla_attention(*f32, segments, segments, index, index)
-    assert _rel(flash(q, k, v, segments, segments, index, index), reference) < TOLERANCE[dtype]
+    reference = xla_attention(*f32, segments, segments, 0)
+    assert _rel(flash(q, k, v, segments, segments, 0), reference) < TOLERANCE[dtype]
     expected = jax.grad(lambda *a: loss(xla_attention, *a), argnums=(0, 1, 2))(*f32)
     got = jax.grad(lambda *a: loss(flash, *a), argnums=(0, 1, 2))(q, k, v)
     for name, g, e in zip("qkv", got, expected):
@@ -70,7 +69,7 @@ def test_flash_attention_forward_and_gradients_match_xla(dtype):
 
 
 def test_flash_attention_prefill_into_a_longer_cache():
-    """q_index = start + arange(S) against kv_index = arange(T), T > S, as the cached prefill calls it."""
+    """Queries at indices start + arange(S) against keys at arange(T), T > S, as the cached prefill calls it."""
     q, k, v = _inputs(jnp.float32, seq=9, kv_len=29, seed=2)
     start = 11
     valid = np.zeros((2, 29), np.int32)
@@ -78,10 +77,8 @@ def test_flash_attention_prefill_into_a_longer_cache():
     valid[1, :3] = 0  # left padding of row 1
     valid = jnp.asarray(valid)
     q_segments = valid[:, start:start + 9]
-    q_index = jnp.broadcast_to(start + jnp.arange(9), (2, 9))
-    kv_index = jnp.broadcast_to(jnp.arange(29), (2, 29))
-    reference = xla_attention(q, k, v, q_segments, valid, q_index, kv_index)
-    got = flash_attention(q, k, v, q_segments, valid, q_index, kv_index, 8, 8, POISONED)
+    reference = xla_attention(q, k, v, q_segments, valid, start)
+    got = flash_attention(q, k, v, q_segments, valid, jnp.int32(start), 8, 8, POISONED)
     assert _rel(got, reference) < 1e-5
 
 
@@ -100,8 +97,7 @@ def test_decode_attention_matches_xla(dtype):
     got = decode_attention(q, k_cache, v_cache, valid, jnp.int32(position), block_k=8, interpret=POISONED)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     reference = xla_attention(f32(q)[:, None], f32(k_cache).transpose(0, 2, 1, 3), f32(v_cache).transpose(0, 2, 1, 3),
-                              jnp.ones((batch, 1), jnp.int32), valid, jnp.full((batch, 1), position),
-                              jnp.broadcast_to(jnp.arange(slots), (batch, slots)))[:, 0]
+                              jnp.ones((batch, 1), jnp.int32), valid, position)[:, 0]
     assert _rel(got, reference) < TOLERANCE[dtype]
 
 
@@ -134,11 +130,11 @@ def test_the_tiny_model_with_pallas_attention_equals_xla(monkeypatch):
 def test_asking_for_a_kernel_the_backend_lacks_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("ZAYA_PALLAS_INTERPRET", raising=False)
     q, k, v = _inputs(jnp.float32, seq=4)
-    ones, index = jnp.ones((2, 4), jnp.int32), jnp.broadcast_to(jnp.arange(4), (2, 4))
+    ones = jnp.ones((2, 4), jnp.int32)
     with pytest.raises(ValueError, match="'pallas' runs Pallas kernels, which need a GPU or TPU; this process runs on cpu"):
-        attend(q, k, v, ones, ones, index, index, "pallas")
+        attend(q, k, v, ones, ones, 0, "pallas")
     with pytest.raises(ValueError, match="'cudnn' needs a CUDA GPU; this process runs on cpu"):
-        attend(q, k, v, ones, ones, index, index, "cudnn")
+        attend(q, k, v, ones, ones, 0, "cudnn")
     with pytest.raises(ValueError, match="attention_impl"):
         dataclasses.replace(load_preset("tiny"), attention_impl="flash")
 
@@ -185,33 +181,47 @@ def test_fused_prologue_matches_the_reference_and_its_gradients(dtype, kernels):
         assert g.dtype == dtype and _rel(g, w) < TOLERANCE[dtype], name
 
 
-def test_every_kernel_lowers_for_cuda_through_triton():
-    """Cross-platform lowering on the CPU: the Pallas -> Triton translation of each kernel, forward and backward,
-    at ZAYA1-8B's shapes (bf16, 8 query / 2 KV heads of 128). Compiling and running need the GPU."""
+# Lowering for the accelerators, on the CPU: Triton for CUDA GPUs, Mosaic for TPUs (lowered for an abstract TPU
+# v5p through `jax.sharding.use_abstract_mesh`, the same check Mosaic's block-shape rules get on a TPU host).
+LOWERINGS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+@pytest.mark.parametrize("platform", sorted(LOWERINGS))
+def test_every_kernel_lowers_for_the_accelerators(platform):
+    """Each kernel, forward and backward, at ZAYA1-8B's shapes (bf16, 8 query / 2 KV heads of 128, batch 2):
+    Pallas -> Triton (cuda) and Pallas -> Mosaic (tpu). Compiling and running need the device."""
+    import contextlib
+
     from jax import export
 
     from zaya_jax.cca import prologue_reference  # noqa: F401  (the model module imports the kernel's params type)
     from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
 
-    bf16, s = jnp.bfloat16, jax.ShapeDtypeStruct
-    q, k, seg = s((1, 256, 8, 128), bf16), s((1, 256, 2, 128), bf16), s((1, 256), jnp.int32)
-    flash = lambda q, k, v, g, i: flash_attention(q, k, v, g, g, i, i, 128, 128, False)  # noqa: E731
+    bf16, s, b = jnp.bfloat16, jax.ShapeDtypeStruct, 2
+    q, k, seg = s((b, 256, 8, 128), bf16), s((b, 256, 2, 128), bf16), s((b, 256), jnp.int32)
+    flash = lambda q, k, v, g: flash_attention(q, k, v, g, g, 0, 128, 128, False)  # noqa: E731
     params = PrologueParams(s((2, 1280), bf16), s((1280,), bf16), s((2, 10, 128, 128), bf16), s((1280,), bf16),
                             s((2,), bf16))
-    prologue_args = (s((1, 256, 1024), bf16), s((1, 256, 256), bf16), seg, s((1, 256, 64), jnp.float32),
-                     s((1, 256, 64), jnp.float32), params)
+    prologue_args = (s((b, 256, 1024), bf16), s((b, 256, 256), bf16), seg, s((b, 256, 64), jnp.float32),
+                     s((b, 256, 64), jnp.float32), params)
     prologue = lambda *a: fused_prologue(*a, 64, False)  # noqa: E731
     total = lambda fn: lambda *a: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*a)))  # noqa: E731
     cases = {
-        "flash": (flash, (q, k, k, seg, seg)),
-        "flash backward": (jax.grad(total(flash), argnums=(0, 1, 2)), (q, k, k, seg, seg)),
+        "flash": (flash, (q, k, k, seg)),
+        "flash backward": (jax.grad(total(flash), argnums=(0, 1, 2)), (q, k, k, seg)),
         "decode": (lambda *a: decode_attention(*a, block_k=128),
-                   (s((1, 8, 128), bf16), s((1, 2, 1024, 128), bf16), s((1, 2, 1024, 128), bf16),
-                    s((1, 1024), jnp.int32), s((), jnp.int32))),
+                   (s((b, 8, 128), bf16), s((b, 2, 1024, 128), bf16), s((b, 2, 1024, 128), bf16),
+                    s((b, 1024), jnp.int32), s((), jnp.int32))),
         "prologue": (prologue, prologue_args),
         "prologue backward": (jax.grad(total(prologue), argnums=(0, 1, 5)), prologue_args),
     }
-    triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    kernel_call = LOWERINGS[platform]
+    context, checks = contextlib.nullcontext(), [export.DisabledSafetyCheck.custom_call(kernel_call)]
+    if platform == "tpu":
+        device = jax.sharding.AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
+        context, checks = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
+                                                                                   abstract_device=device)), []
     for name, (fn, args) in cases.items():
-        module = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=triton)(*args).mlir_module()
-        assert "__gpu$xla.gpu.triton" in module, name
+        with context:
+            module = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+        assert kernel_call in module, name

@@ -5,28 +5,59 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
-def compiler_params(interpret):
-    """Triton settings on GPUs: the kernels use Pallas's generic primitives (refs, BlockSpecs, fori_loop), which
-    the Triton lowering takes, while the Mosaic GPU lowering wants warpgroup-level code. Mosaic's defaults on TPU;
-    nothing in the interpreter."""
-    if interpret is not False or jax.default_backend() == "tpu":
+def target_platform() -> str:
+    """The platform the kernels are being lowered for: the abstract device of the current abstract mesh when one is
+    set (`jax.sharding.use_abstract_mesh`, how a CPU host lowers for a TPU it does not have), else the default
+    backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def compiler_params(interpret, grid_rank: int):
+    """Mosaic settings on TPU (every grid axis "parallel": each program writes only its own output blocks, so
+    Mosaic may split any axis across TensorCores); Triton settings elsewhere: the kernels use Pallas's generic
+    primitives (refs, BlockSpecs, fori_loop), which the Triton lowering takes, while the Mosaic GPU lowering wants
+    warpgroup-level code. Nothing in the interpreter."""
+    if interpret is not False:
         return None
+    if target_platform() == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
     from jax.experimental.pallas import triton as pltriton
 
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
+def scalars_spec(interpret) -> pl.BlockSpec:
+    """The spec of a small 32-bit array that the kernel reads element by element (`ref[i]`: a start slot, a
+    temperature): scalar memory on TPU (and in the TPU interpreter the tests use), where vector memory cannot feed
+    loop bounds; one whole block elsewhere."""
+    if interpret is not False or target_platform() == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    return pl.BlockSpec()
+
+
 def online_softmax(carry, scores, v):
     """One key tile of the online softmax (FlashAttention-2), inside a kernel.
 
-    carry = (acc [rows, D] float32, row max m [rows], row sum l [rows]); scores [rows, tile] float32 (masked
+    carry = (acc [rows, D] float32, row max m [rows, 1], row sum l [rows, 1]); scores [rows, tile] float32 (masked
     entries at a large negative value); v [tile, D]. Start from (0, -inf, 0); the output is acc / l and the row
-    log-sum-exp m + log(l)."""
+    log-sum-exp m + log(l). Row statistics stay [rows, 1] columns: the layout Mosaic broadcasts along lanes."""
     acc, m, l = carry
-    m_new = jnp.maximum(m, jnp.max(scores, axis=1))
-    p = jnp.exp(scores - m_new[:, None])
+    m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
+    p = jnp.exp(scores - m_new)
     correction = jnp.exp(m - m_new)
-    acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return acc, m_new, l * correction + jnp.sum(p, axis=1)
+    acc = acc * correction + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l * correction + jnp.sum(p, axis=1, keepdims=True)
+
+
+def softmax_init(rows: int, head_dim: int):
+    """The online softmax's starting carry for `rows` query rows."""
+    return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), -jnp.inf, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))

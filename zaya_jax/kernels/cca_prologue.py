@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from zaya_jax.kernels import compiler_params
+from zaya_jax.kernels import compiler_params, scalars_spec
 
 
 class PrologueParams(NamedTuple):
@@ -50,7 +50,7 @@ def _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, *, blo
     history = k_dw - 1 + k_gr - 1
     row0 = pl.program_id(1) * block_s
     d = head_dim
-    seg = seg_ref[pl.ds(row0 + history, block_s)]
+    seg = seg_ref[pl.ds(row0 + history, block_s), :]  # [bs, 1]
     heads = [(g * groups * d + h * d, g * groups + h) for h in range(groups)]  # (first column, head index)
     heads.append((heads_q * d + g * d, heads_q + g))
 
@@ -60,19 +60,19 @@ def _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, *, blo
         shifted = []  # P_{t - shift} for the tile, zero across a document boundary
         for shift in range(history + 1):
             rows = pl.ds(row0 + history - shift, block_s)
-            shifted.append(jnp.where((seg_ref[rows] == seg)[:, None], ext_ref[rows, cols], 0).astype(dtype))
-        b_dw = b_dw_ref[cols].astype(jnp.float32)
+            shifted.append(jnp.where(seg_ref[rows, :] == seg, ext_ref[rows, cols], 0).astype(dtype))
+        b_dw = b_dw_ref[:, cols].astype(jnp.float32)  # [1, D]
         acc = jnp.zeros((block_s, d), jnp.float32)
         for j2 in range(k_gr):
             # Elementwise math in float32 (the Triton lowering has no bf16 arithmetic), then the compute dtype.
-            dw = (b_dw + sum(w_dw_ref[j1, cols].astype(jnp.float32) * shifted[history - j1 - j2].astype(jnp.float32)
+            dw = (b_dw + sum(w_dw_ref[pl.ds(j1, 1), cols].astype(jnp.float32) * shifted[history - j1 - j2].astype(jnp.float32)
                              for j1 in range(k_dw))).astype(dtype)
             w = w_gr_ref[j2, head].astype(dtype)
             depthwise[j2].append(dw)
             weights[j2].append(w)
             # Products in the compute dtype, taps summed in float32 (as the reference).
             acc += jnp.dot(dw, w, preferred_element_type=jnp.float32).astype(dtype).astype(jnp.float32)
-        u.append((acc + b_gr_ref[cols].astype(jnp.float32)).astype(dtype))
+        u.append((acc + b_gr_ref[:, cols].astype(jnp.float32)).astype(dtype))
         p0.append(shifted[0])
     # Arithmetic in float32, rounded to the compute dtype where the reference rounds.
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
@@ -107,7 +107,7 @@ def _forward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b_
 
     for h in range(groups):
         q_ref[:, h * d:(h + 1) * d] = finish(u[h], 1.0)
-    k_ref[...] = finish(u[groups], temp_ref[pl.program_id(2)].astype(jnp.float32))
+    k_ref[...] = finish(u[groups], temp_ref[pl.program_id(2)])
 
 
 def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref,
@@ -115,17 +115,18 @@ def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b
                      db_k_ref, dtemp_ref, *, eps, **dims):
     """Per tile: back through RoPE, the norm and temperature, the q-k mean and the grouped conv. Writes the
     gradients of the depthwise outputs (the depthwise conv's transpose is an elementwise stencil, left to XLA),
-    the q-k mean's direct gradients of q0 / k0, and this tile's partial sums of the grouped weights, biases and
-    the temperature."""
+    the q-k mean's direct gradients of q0 / k0, this tile's partial sums of the grouped weights and biases, and
+    the temperature's gradient per row."""
     d, groups, k_gr = dims["head_dim"], dims["groups"], dims["k_gr"]
     dtype = ext_ref.dtype
     u, depthwise, weights = _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, dtype=dtype,
                                         **dims)
     cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
-    temperature = temp_ref[pl.program_id(2)].astype(jnp.float32)
+    temperature = temp_ref[pl.program_id(2)]
 
     def back(x, d_out, scale):
-        """d(out)/d(u) for out = RoPE(sqrt(D) * scale * u / max(|u|, eps)) -> (du, sum of d(out) . out / scale)."""
+        """d(out)/d(u) for out = RoPE(sqrt(D) * scale * u / max(|u|, eps)) -> (du, per-row d(out) . out / scale
+        [bs, 1])."""
         do = d_out.astype(jnp.float32)
         # out = n cos + (n R) sin  ->  dn = do cos + (do sin) R^T
         dn = do * cos + jax.lax.dot_general(do * sin, rotate_ref[...].astype(jnp.float32), (((1,), (1,)), ((), ())),
@@ -136,12 +137,12 @@ def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b
         c = d**0.5 * scale
         du = jnp.where(r > eps, (c / jnp.maximum(r, eps)) * (dn - unit * jnp.sum(unit * dn, axis=-1, keepdims=True)),
                        (c / eps) * dn)
-        return du, jnp.sum(dn * unit) * d**0.5
+        return du, jnp.sum(dn * unit, axis=-1, keepdims=True) * d**0.5
 
     du = [back(u[h], dq_ref[:, h * d:(h + 1) * d], 1.0)[0] for h in range(groups)]
     du_k, dtemp = back(u[groups], dk_ref[...], temperature)
     du.append(du_k)
-    dtemp_ref[0] = dtemp
+    dtemp_ref[...] = dtemp
     d_mean = [du[h] + du_k / groups for h in range(groups)]  # k_mean = mean over the group's q means
     for h in range(groups):
         direct_q_ref[:, h * d:(h + 1) * d] = 0.5 * d_mean[h]
@@ -150,7 +151,7 @@ def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b
         dz = du[h]
         q_head = h < groups
         bias_ref, col = (db_q_ref, h * d) if q_head else (db_k_ref, 0)
-        bias_ref[col:col + d] = jnp.sum(dz, axis=0)
+        bias_ref[:, col:col + d] = jnp.sum(dz, axis=0, keepdims=True)
         for j2 in range(k_gr):
             w_ref, d_dw_ref = (dw_q_ref, d_dw_q_ref) if q_head else (dw_k_ref, d_dw_k_ref)
             w_ref[j2, h if q_head else 0] = jax.lax.dot_general(
@@ -164,7 +165,7 @@ class _Layout(NamedTuple):
     """The padded kernel inputs and the static sizes, shared by the forward and backward calls."""
 
     ext: jax.Array  # [B, K + S', C]: K zero columns (no earlier tokens), the sequence, padding to whole tiles
-    seg: jax.Array  # [B, K + S'] int32 (padding -1)
+    seg: jax.Array  # [B, K + S', 1] int32 (padding -1)
     cos: jax.Array  # [B, S', D] float32 (1 past the rotary dims)
     sin: jax.Array  # [B, S', D] float32 (0 past the rotary dims)
     rotate: jax.Array  # [D, D]: x @ rotate = rotate_half(x) on the rotary dims, 0 elsewhere
@@ -182,7 +183,7 @@ def _layout(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int)
     padded = -(-seq // block_s) * block_s
     ext = jnp.pad(jnp.concatenate([q0, k0], axis=-1), ((0, 0), (history, padded - seq), (0, 0)))
     seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], history, axis=1), segment_ids,
-                           jnp.full((batch, padded - seq), -1, segment_ids.dtype)], axis=1).astype(jnp.int32)
+                           jnp.full((batch, padded - seq), -1, segment_ids.dtype)], axis=1).astype(jnp.int32)[..., None]
     rotary = cos.shape[-1]
     # Full-width cos / sin: 1 and 0 on the dims RoPE leaves alone.
     widen = lambda x, fill: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, padded - seq), (0, head_dim - rotary)),  # noqa: E731
@@ -196,16 +197,22 @@ def _layout(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int)
     return _Layout(ext, seg, widen(cos, 1.0), widen(sin, 0.0), rotate, dims, seq, padded)
 
 
-def _in_specs(lay: _Layout, params: PrologueParams):
+def _kernel_params(params: PrologueParams) -> PrologueParams:
+    """The parameters as the kernels read them: biases as [1, C] rows, the temperature as float32 scalars."""
+    return params._replace(b_dw=params.b_dw[None], b_gr=params.b_gr[None],
+                           temperature=params.temperature.astype(jnp.float32))
+
+
+def _in_specs(lay: _Layout, params: PrologueParams, interpret):
     batch, rows, channels = lay.ext.shape
     d = lay.dims["head_dim"]
     bs = lay.dims["block_s"]
     whole = lambda shape: pl.BlockSpec(shape, lambda b, i, g: (0,) * len(shape))  # noqa: E731
     return [pl.BlockSpec((None, rows, channels), lambda b, i, g: (b, 0, 0)),
-            pl.BlockSpec((None, rows), lambda b, i, g: (b, 0)),
+            pl.BlockSpec((None, rows, 1), lambda b, i, g: (b, 0, 0)),
             pl.BlockSpec((None, bs, d), lambda b, i, g: (b, i, 0)),
             pl.BlockSpec((None, bs, d), lambda b, i, g: (b, i, 0)),
-            whole((d, d))] + [whole(p.shape) for p in params]
+            whole((d, d))] + [whole(p.shape) for p in params[:-1]] + [scalars_spec(interpret)]
 
 
 def _grid(lay: _Layout, heads_kv: int):
@@ -217,18 +224,19 @@ def _fused_forward(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_
     batch, d, g = q0.shape[0], lay.dims["head_dim"], lay.dims["groups"]
     heads_q, heads_kv = lay.dims["heads_q"], k0.shape[2] // d
     dtype = q0.dtype
+    kernel_params = _kernel_params(params)
     q, k = pl.pallas_call(
         functools.partial(_forward_kernel, eps=float(jnp.finfo(dtype).eps), **lay.dims),
         grid=_grid(lay, heads_kv),
-        in_specs=_in_specs(lay, params),
+        in_specs=_in_specs(lay, kernel_params, interpret),
         out_specs=[pl.BlockSpec((None, block_s, g * d), lambda b, i, h: (b, i, h)),
                    pl.BlockSpec((None, block_s, d), lambda b, i, h: (b, i, h))],
         out_shape=[jax.ShapeDtypeStruct((batch, lay.padded, heads_q * d), dtype),
                    jax.ShapeDtypeStruct((batch, lay.padded, heads_kv * d), dtype)],
         interpret=interpret,
-        compiler_params=compiler_params(interpret),
+        compiler_params=compiler_params(interpret, 3),
         name="cca_prologue",
-    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *params)
+    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *kernel_params)
     seq = lay.seq
     return q[:, :seq].reshape(batch, seq, heads_q, d), k[:, :seq].reshape(batch, seq, heads_kv, d)
 
@@ -242,19 +250,20 @@ def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, d
     pad_rows = lambda x: jnp.pad(x.reshape(batch, seq, -1), ((0, 0), (0, lay.padded - seq), (0, 0)))  # noqa: E731
     f32 = jnp.float32
     tile = lambda width: pl.BlockSpec((None, block_s, width), lambda b, i, h: (b, i, h))  # noqa: E731
+    kernel_params = _kernel_params(params)
     outputs = pl.pallas_call(
         functools.partial(_backward_kernel, eps=float(jnp.finfo(q0.dtype).eps), **lay.dims),
         grid=_grid(lay, heads_kv),
-        in_specs=_in_specs(lay, params) + [tile(g * d), tile(d)],
+        in_specs=_in_specs(lay, kernel_params, interpret) + [tile(g * d), tile(d)],
         out_specs=[
             pl.BlockSpec((None, block_s, k_gr, g * d), lambda b, i, h: (b, i, 0, h)),  # d depthwise, q columns
             pl.BlockSpec((None, block_s, k_gr, d), lambda b, i, h: (b, i, 0, h)),  # d depthwise, k columns
             tile(g * d), tile(d),  # the q-k mean's direct gradients of q0, k0
             pl.BlockSpec((None, None, k_gr, g, d, d), lambda b, i, h: (b, i, 0, h, 0, 0)),  # per-tile d w_gr
             pl.BlockSpec((None, None, k_gr, 1, d, d), lambda b, i, h: (b, i, 0, h, 0, 0)),
-            pl.BlockSpec((None, None, g * d), lambda b, i, h: (b, i, h)),  # per-tile d b_gr
-            pl.BlockSpec((None, None, d), lambda b, i, h: (b, i, h)),
-            pl.BlockSpec((None, None, 1), lambda b, i, h: (b, i, h)),  # per-tile d temperature
+            pl.BlockSpec((None, None, 1, g * d), lambda b, i, h: (b, i, 0, h)),  # per-tile d b_gr
+            pl.BlockSpec((None, None, 1, d), lambda b, i, h: (b, i, 0, h)),
+            pl.BlockSpec((None, None, block_s, 1), lambda b, i, h: (b, h, i, 0)),  # d temperature per row
         ],
         out_shape=[
             jax.ShapeDtypeStruct((batch, lay.padded, k_gr, heads_q * d), f32),
@@ -263,14 +272,14 @@ def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, d
             jax.ShapeDtypeStruct((batch, lay.padded, heads_kv * d), f32),
             jax.ShapeDtypeStruct((batch, tiles, k_gr, heads_q, d, d), f32),
             jax.ShapeDtypeStruct((batch, tiles, k_gr, heads_kv, d, d), f32),
-            jax.ShapeDtypeStruct((batch, tiles, heads_q * d), f32),
-            jax.ShapeDtypeStruct((batch, tiles, heads_kv * d), f32),
-            jax.ShapeDtypeStruct((batch, tiles, heads_kv), f32),
+            jax.ShapeDtypeStruct((batch, tiles, 1, heads_q * d), f32),
+            jax.ShapeDtypeStruct((batch, tiles, 1, heads_kv * d), f32),
+            jax.ShapeDtypeStruct((batch, heads_kv, lay.padded, 1), f32),
         ],
         interpret=interpret,
-        compiler_params=compiler_params(interpret),
+        compiler_params=compiler_params(interpret, 3),
         name="cca_prologue_backward",
-    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *params, pad_rows(dq), pad_rows(dk))
+    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *kernel_params, pad_rows(dq), pad_rows(dk))
     d_dw_q, d_dw_k, direct_q, direct_k, dw_q, dw_k, db_q, db_k, dtemp = outputs
 
     # The depthwise conv's transpose, an elementwise stencil over the K + 1 shifts (XLA fuses it):
@@ -278,7 +287,7 @@ def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, d
     history = k_dw - 1 + k_gr - 1
     d_dw = jnp.concatenate([d_dw_q, d_dw_k], axis=-1)[:, :seq]  # [B, S, k_gr, C]
     ext = lay.ext[:, :history + seq].astype(f32)
-    seg = lay.seg[:, :history + seq]
+    seg = lay.seg[:, :history + seq, 0]
     here = seg[:, history:]
     w_dw = params.w_dw.astype(f32)
     d_ext = jnp.zeros(ext.shape, f32)
@@ -300,8 +309,8 @@ def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, d
         w_dw=jnp.stack(d_w_dw),
         b_dw=jnp.sum(d_dw, axis=(0, 1, 2)),
         w_gr=jnp.concatenate([dw_q.sum((0, 1)), dw_k.sum((0, 1))], axis=1),
-        b_gr=jnp.concatenate([db_q.sum((0, 1)), db_k.sum((0, 1))]),
-        temperature=dtemp.sum((0, 1)),
+        b_gr=jnp.concatenate([db_q.sum((0, 1, 2)), db_k.sum((0, 1, 2))]),
+        temperature=dtemp.sum((0, 2, 3)),
     )
     d_params = PrologueParams(*(x.astype(p.dtype) for x, p in zip(d_params, params)))
     return dq0.astype(q0.dtype), dk0.astype(k0.dtype), d_params

@@ -8,7 +8,7 @@ zaya_jax/cache.py); its K/V are already written there. The token of row b sees s
 valid[b, t] == 1, so each row's own length (left padding) is respected. One program per (row, KV head) holds the
 G = Hq / Hkv query heads of the group as a [G, D] tile, so every cached key and value is read once per group, and
 walks only the key tiles up to `position` (the rest of the cache is unwritten). Online softmax in float32,
-scores scaled by 1/sqrt(D): the same function as xla_attention with q_index = position, kv_index = arange(T).
+scores scaled by 1/sqrt(D): the same function as xla_attention with one query at q_start = position.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from zaya_jax.kernels import compiler_params, online_softmax
+from zaya_jax.kernels import compiler_params, online_softmax, scalars_spec, softmax_init
 
 _MASKED = -1e30
 
@@ -28,20 +28,18 @@ def _decode_kernel(pos_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, *, block_k, s
     position = pos_ref[0]
     q = q_ref[...]  # [G, D]
     groups, head_dim = q.shape
-    last = jnp.minimum(position // block_k + 1, k_ref.shape[0] // block_k)
 
     def body(j, carry):
         tile = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         s = jax.lax.dot_general(q, k_ref[tile, :], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale
-        slots = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        s = jnp.where((valid_ref[tile][None, :] == 1) & (slots <= position), s, _MASKED)
+        slots = j * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where((valid_ref[:, tile] == 1) & (slots <= position), s, _MASKED)
         return online_softmax(carry, s, v_ref[tile, :])
 
-    init = (jnp.zeros((groups, head_dim), jnp.float32), jnp.full((groups,), -jnp.inf, jnp.float32),
-            jnp.zeros((groups,), jnp.float32))
-    acc, _, l = jax.lax.fori_loop(0, last, body, init)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    last = jnp.minimum(position // block_k + 1, k_ref.shape[0] // block_k)
+    acc, _, l = jax.lax.fori_loop(0, last, body, softmax_init(groups, head_dim))
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
@@ -59,15 +57,15 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid
     qg = q.reshape(batch, heads_kv, groups, head_dim)
     kv_spec = pl.BlockSpec((None, None, padded, head_dim), lambda b, h: (b, h, 0, 0))
     q_spec = pl.BlockSpec((None, None, groups, head_dim), lambda b, h: (b, h, 0, 0))
+    valid_spec = pl.BlockSpec((None, 1, padded), lambda b, h: (b, 0, 0))  # a [1, T] row per batch row
     out = pl.pallas_call(
         functools.partial(_decode_kernel, block_k=block_k, scale=head_dim**-0.5),
         grid=(batch, heads_kv),
-        in_specs=[pl.BlockSpec((1,), lambda b, h: (0,)),
-                  q_spec, kv_spec, kv_spec, pl.BlockSpec((None, padded), lambda b, h: (b, 0))],
+        in_specs=[scalars_spec(interpret), q_spec, kv_spec, kv_spec, valid_spec],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         interpret=interpret,
-        compiler_params=compiler_params(interpret),
+        compiler_params=compiler_params(interpret, 2),
         name="cca_decode_attention",
-    )(jnp.reshape(position, (1,)).astype(jnp.int32), qg, k_cache, v_cache, valid.astype(jnp.int32))
+    )(jnp.reshape(position, (1,)).astype(jnp.int32), qg, k_cache, v_cache, valid.astype(jnp.int32)[:, None, :])
     return out.reshape(batch, heads_q, head_dim)
