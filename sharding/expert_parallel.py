@@ -208,8 +208,11 @@ def expert_parallel_ffn(
         if not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
     if transport == "ragged_all_to_all":
-        # Inside jit only the abstract mesh is known; its devices are those of the default backend.
-        platform = mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else jax.default_backend()
+        # An abstract mesh names its device only when one lowers for another platform; else it is the default's.
+        if isinstance(mesh, Mesh):
+            platform = mesh.devices.flat[0].platform
+        else:
+            platform = mesh.abstract_device.platform if mesh.abstract_device else jax.default_backend()
         if platform in RAGGED_UNSUPPORTED_PLATFORMS:
             raise ValueError(f"expert-parallel transport 'ragged_all_to_all' is not supported on the {platform!r} "
                              f"backend (XLA has no ragged_all_to_all there); use 'all_to_all' or 'all_gather'")

@@ -176,6 +176,30 @@ def test_ragged_all_to_all_refuses_cpu():
                             mesh=_mesh("data2_expert4"), transport="ragged_all_to_all")
 
 
+@pytest.mark.parametrize("platform,device", [("cuda", ("NVIDIA H100 80GB HBM3", "gpu")), ("tpu", ("TPU v5p", "tpu"))])
+def test_ragged_all_to_all_lowers_for_gpu_and_tpu(platform, device):
+    """Where XLA has the collective: the transport, forward and backward, lowers for the platform (on the CPU, for
+    an abstract data=2 x expert=4 mesh), and every ragged_all_to_all runs within an expert group."""
+    from jax import export
+
+    kind, device_platform = device
+    abstract = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=device_platform)
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "expert"), abstract_device=abstract)
+    s = jax.ShapeDtypeStruct
+    args = (s((T, H), jnp.float32), s((T,), jnp.int32), s((T,), jnp.float32), s((8, H, 2 * I), jnp.float32),
+            s((8, I, H), jnp.float32))
+    ffn = lambda *a: expert_parallel_ffn(*a, mesh=mesh, transport="ragged_all_to_all")[0]  # noqa: E731
+    grads = jax.grad(lambda *a: jnp.sum(ffn(*a) ** 2), argnums=(0, 2, 3, 4))
+    unchecked = [export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    # Forward: tokens and their ids out, results back; the backward adds the transposes of the two float ones.
+    for fn, calls in ((ffn, 3), (grads, 5)):
+        with jax.sharding.use_abstract_mesh(mesh):
+            module = export.export(jax.jit(fn), platforms=[platform], disabled_checks=unchecked)(*args).mlir_module()
+        collectives = [line for line in module.splitlines() if "custom_call @ragged_all_to_all" in line]
+        assert len(collectives) == calls
+        assert all("replica_groups = dense<[[0, 1, 2, 3], [4, 5, 6, 7]]>" in line for line in collectives)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"transport": "alltoall"}, "valid: all_to_all, all_gather, ragged_all_to_all"),
     ({"transport": "all_gather", "capacity_factor": 1.0}, "capacity_factor applies to transport 'all_to_all'"),
