@@ -41,7 +41,8 @@ COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "coll
 def train_config(args):
     overrides = [
         f"model.num_layers={args.layers}", f"model.dtype={args.dtype}", "model.param_dtype=float32",
-        f"model.remat_policy={args.remat}", f"model.attention_impl={args.attention}",
+        f"model.remat_policy={args.remat}", f"model.attention_impl={args.attention}", f"model.moe_impl={args.moe}",
+        f"model.expert_capacity_factor={'null' if args.capacity is None else args.capacity}",
         f"data.seq_len={args.seq}", f"train.batch_size={args.batch}", f"train.loss_chunk={args.loss_chunk}",
         "optimizer.name=adamw", "optimizer.warmup_steps=0", "optimizer.total_steps=1000", "balancer.enabled=true",
         "mesh.data=-1",
@@ -148,6 +149,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"))
     parser.add_argument("--attention", default="xla", choices=("xla", "pallas", "cudnn"))
+    parser.add_argument("--moe", default="sorted", choices=("sorted", "padded"),
+                        help="expert compute: ragged_dot grouped matmul, or the capacity-padded per-expert einsum")
+    parser.add_argument("--capacity", type=float, default=None, help="expert_capacity_factor (needed by --moe padded)")
     parser.add_argument("--loss-chunk", type=int, default=0)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from zaya_jax.moe import experts_sorted
+from zaya_jax.moe import capacity_slots, experts_sorted
 
 TRANSPORTS = ("all_to_all", "all_gather", "ragged_all_to_all")
 # Platforms whose XLA backend has no ragged_all_to_all (module-level so that a test can emulate the collective).
@@ -72,14 +72,6 @@ def _local_ffn(
     x = jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
     y = experts_sorted(x, ids, valid.astype(x.dtype), gate_up, down)
     return jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
-
-
-def _capacity(local_tokens: int, num_shards: int, capacity_factor: float | None) -> int:
-    """Slots per (source device, destination shard): t for dropless, else ceil(cf * t / n) clipped to [1, t]."""
-    if capacity_factor is None:
-        return local_tokens
-    # More than t slots can never be used (a device only has t tokens), so cap there.
-    return max(1, min(local_tokens, math.ceil(capacity_factor * local_tokens / num_shards)))
 
 
 def _all_to_all_body(
@@ -229,9 +221,13 @@ def expert_parallel_ffn(
 
     body: Callable[..., tuple[jax.Array, jax.Array]]
     if transport == "all_to_all":
+        # Slots per (source device, destination shard); room for all t local tokens is dropless.
+        capacity = (local_tokens if capacity_factor is None
+                    else capacity_slots(local_tokens, num_shards, capacity_factor))
+
         def body(*args):
             return _all_to_all_body(*args, axis=expert_axis, num_shards=num_shards, token_axes=token_axes,
-                                    capacity=_capacity(local_tokens, num_shards, capacity_factor))
+                                    capacity=capacity)
     elif transport == "all_gather":
         def body(*args):
             return _all_gather_body(*args, axis=expert_axis)

@@ -41,6 +41,10 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
     "length": None,
     "activation_embed": None,
+    # The padded experts' [G, E, C, H] buffer: groups over the data axes, experts over `expert`.
+    "expert_groups": ("data", "fsdp"),
+    "expert_slots": None,
+    "expert_capacity": None,
 }
 
 # Logical axes of the key activations (what zaya_jax.layers.constrain pins inside the model under a mesh).
@@ -48,6 +52,10 @@ ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
     "residual": ("batch", "length", "activation_embed"),  # [B, S, H] float32 residual stream
     "logits": ("batch", "length", "vocab"),  # [B, S, V]
     "tokens": ("batch", "length"),  # [B, S] ids, segment ids, positions
+    # The padded experts' [G, E, C, H] buffer (moe.py): filled where its tokens are ("dispatch": groups like the
+    # batch), then resharded to experts over `expert` ("expert_buffer"), which the compiler does with an all-to-all.
+    "dispatch": ("batch", "expert_slots", "expert_capacity", "activation_embed"),
+    "expert_buffer": ("expert_groups", "expert", "expert_capacity", "activation_embed"),
 }
 
 # Parameter path (slash-joined, as in nnx.State) -> logical axes per dimension.

@@ -19,7 +19,7 @@ import yaml
 DTypeName = Literal["float32", "bfloat16"]
 _DTYPES = ("float32", "bfloat16")
 _ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
-_MOE_IMPLS = ("sorted", "dense", "expert_parallel")
+_MOE_IMPLS = ("sorted", "dense", "padded", "expert_parallel")
 _EP_TRANSPORTS = ("all_to_all", "all_gather", "ragged_all_to_all")
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -56,11 +56,14 @@ class ZayaConfig:
     param_dtype: DTypeName = "float32"  # dtype of the stored parameters (float32 master weights in training)
     dtype: DTypeName = "float32"  # compute dtype; the residual stream, softmaxes and logits stay float32
     attention_impl: str = "xla"  # "xla" (the reference) | "pallas" (GPU/TPU kernels) | "cudnn" (GPU); docs/kernels.md
-    # "sorted": tokens sorted by expert + grouped matmul; "dense": every expert (the reference);
-    # "expert_parallel": experts split over the mesh's expert axis, tokens moved by `expert_parallel_transport`.
+    # "sorted": tokens sorted by expert + grouped matmul; "dense": every expert (the reference); "padded": a
+    # capacity-padded per-expert einsum (needs expert_capacity_factor; drops counted); "expert_parallel": experts
+    # split over the mesh's expert axis under shard_map, tokens moved by `expert_parallel_transport`.
     moe_impl: str = "sorted"
     expert_parallel_transport: str = "all_to_all"  # "all_to_all" | "all_gather" | "ragged_all_to_all"
-    expert_capacity_factor: float | None = None  # all_to_all only; None = dropless, else dropped tokens are counted
+    # Slots per expert = ceil(factor * tokens / experts), per batch row ("padded") or per device and destination
+    # shard (expert_parallel all_to_all); None = dropless; tokens over capacity are counted in dropped_tokens.
+    expert_capacity_factor: float | None = None
     remat_policy: str = "none"  # rematerialisation of each layer in the backward pass: "none" | "full" | "dots" | "dots_no_batch"
 
     def __post_init__(self) -> None:
@@ -120,8 +123,13 @@ class ZayaConfig:
         if self.expert_capacity_factor is not None:
             if self.expert_capacity_factor <= 0:
                 raise ValueError(f"ZayaConfig.expert_capacity_factor must be > 0 or null, got {self.expert_capacity_factor}")
-            if self.expert_parallel_transport != "all_to_all":
-                raise ValueError("ZayaConfig.expert_capacity_factor applies to expert_parallel_transport all_to_all only")
+            if self.moe_impl not in ("padded", "expert_parallel") or (
+                    self.moe_impl == "expert_parallel" and self.expert_parallel_transport != "all_to_all"):
+                raise ValueError("ZayaConfig.expert_capacity_factor applies to moe_impl 'padded' and to moe_impl "
+                                 "'expert_parallel' with expert_parallel_transport all_to_all only")
+        elif self.moe_impl == "padded":
+            raise ValueError("ZayaConfig.moe_impl 'padded' needs expert_capacity_factor (slots per expert per batch "
+                             "row = ceil(factor * sequence length / num_experts))")
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property

@@ -65,14 +65,18 @@ CASES = [(name, "sorted", None) for name in MESHES] + [
     ("data2_expert4", "expert_parallel", "all_to_all"),
     ("fsdp2_expert4", "expert_parallel", "all_gather"),
     ("expert8", "expert_parallel", "all_to_all"),
+    ("data2_expert4", "padded", None),
 ]
 
 
 @pytest.mark.parametrize("mesh_name, moe_impl, transport", CASES)
 def test_sharded_training_matches_single_device(mesh_name, moe_impl, transport, batch, reference):
-    """GSPMD-partitioned experts ("sorted") and shard_map expert parallelism with each CPU transport."""
+    """GSPMD-partitioned experts ("sorted"; "padded" with room for every token, so dropless) and shard_map expert
+    parallelism with each CPU transport."""
     mesh = make_mesh(MESHES[mesh_name])
-    config = CONFIG.replace(moe_impl=moe_impl, expert_parallel_transport=transport or "all_to_all")
+    capacity = float(CONFIG.num_experts) if moe_impl == "padded" else None
+    config = CONFIG.replace(moe_impl=moe_impl, expert_parallel_transport=transport or "all_to_all",
+                            expert_capacity_factor=capacity)
     model = init_sharded_model(config, mesh, seed=0)
     graphdef, state, step = _step_parts(model)
     shardings = train_state_shardings(state, mesh)
@@ -153,3 +157,23 @@ def test_key_activations_carry_their_logical_layout(batch):
     assert logits.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "expert"), None, None)), 3)
     reference = init_model(CONFIG, seed=0)(batch["tokens"])
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_experts_move_tokens_to_the_experts():
+    """moe_impl "padded" on data=2 x expert=4: the forward's only collectives are two all-to-alls per layer (the
+    [G, E, C, H] buffer out to its experts' devices and back), where the GSPMD-partitioned "sorted" path gathers."""
+    import re
+
+    mesh = make_mesh(MESHES["data2_expert4"])
+    ids = jax.device_put(jnp.zeros((8, 64), jnp.int32), batch_sharding(mesh))
+
+    def collectives(**changes):
+        graphdef, state = nnx.split(init_sharded_model(CONFIG.replace(**changes), mesh, seed=0))
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)).lower(state, ids).compile().as_text()
+        return {op: len(re.findall(rf" {op}(-start)?\(", hlo)) for op in ("all-to-all", "all-gather", "all-reduce")}
+
+    # One all-to-all each way in the scanned layer body.
+    assert collectives(moe_impl="padded", expert_capacity_factor=1.25) == {"all-to-all": 2, "all-gather": 0,
+                                                                            "all-reduce": 0}
+    assert collectives(moe_impl="sorted")["all-gather"] > 0

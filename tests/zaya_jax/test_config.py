@@ -68,6 +68,8 @@ def test_from_hf_reads_the_published_native_config():
         (dict(rms_norm_eps=0.0), "rms_norm_eps", "> 0"),
         (dict(dtype="float16"), "dtype", "float32, bfloat16"),
         (dict(moe_impl="magic"), "moe_impl", "sorted, dense"),
+        (dict(moe_impl="padded"), "moe_impl", "needs expert_capacity_factor"),
+        (dict(expert_capacity_factor=1.25), "expert_capacity_factor", "applies to moe_impl 'padded'"),
         (dict(attention_impl="flash"), "attention_impl", "xla"),
         (dict(eos_token_id=300), "eos_token_id", "outside the vocabulary"),
         (dict(num_layers=2.0), "num_layers", "wrong type"),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from zaya_jax import BalancingBias, ZayaForCausalLM, init_model, load_preset, parameter_counts
-from zaya_jax.moe import experts_dense, experts_sorted
+from zaya_jax.moe import experts_dense, experts_padded, experts_sorted
 
 
 def test_zaya1_8b_parameter_counts_without_allocating():
@@ -73,6 +73,61 @@ def test_sorted_dispatch_gradients_match_dense(routed_tokens):
     for a, b in zip(g_sorted, g_dense):
         assert float(jnp.abs(b).max()) > 0
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def _padded_reference(x, expert, weight, gate_up, down, group_size, capacity):
+    """float64 loop: within each group, expert e serves its first `capacity` tokens by position; the skip class
+    (id E) and tokens past capacity get 0. -> (y, kept mask)."""
+    num_experts, inner = gate_up.shape[0], down.shape[1]
+    y, kept = np.zeros(x.shape, np.float64), np.zeros(len(x), bool)
+    for start in range(0, len(x), group_size):
+        served = [0] * num_experts
+        for t in range(start, start + group_size):
+            if expert[t] == num_experts or served[expert[t]] == capacity:
+                continue
+            served[expert[t]] += 1
+            kept[t] = True
+            h = x[t].astype(np.float64) @ gate_up[expert[t]].astype(np.float64)
+            gate, up = h[:inner], h[inner:]
+            y[t] = weight[t] * ((gate / (1 + np.exp(-gate)) * up) @ down[expert[t]])
+    return y, kept
+
+
+def test_padded_experts_drop_past_capacity_and_count_it(routed_tokens):
+    """Groups of 8 tokens, 4 experts, capacity factor 1 (2 slots per expert per group), two skip-class tokens."""
+    x, expert, weight, gate_up, down = routed_tokens
+    x, weight = x[:32], weight[:32]
+    expert = np.asarray(expert[:32]).copy()
+    expert[[3, 17]] = 4  # the skip class takes no slot
+    ref, kept = _padded_reference(*map(np.asarray, (x, expert, weight, gate_up, down)), group_size=8, capacity=2)
+    assert 0 < (~kept).sum() - 2 < 30  # some routed tokens are dropped, most are not
+    y, dropped = experts_padded(x, jnp.asarray(expert), weight, gate_up, down, group_size=8, capacity_factor=1.0)
+    assert int(dropped) == int((~kept).sum()) - 2
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+    # Gradients: those of the dense reference with the unserved tokens' weights zeroed, except d/dweight of an
+    # unserved token, which is 0 (its output does not depend on its weight).
+    def loss(fn, x, weight, gate_up, down):
+        return jnp.sum(jnp.sin(fn(x, weight, gate_up, down)))
+
+    padded = lambda x, w, gu, d: experts_padded(x, jnp.asarray(expert), w, gu, d, group_size=8,  # noqa: E731
+                                                capacity_factor=1.0)[0]
+    dense = lambda x, w, gu, d: experts_dense(x, jnp.asarray(np.where(kept, expert, 0)), w * kept, gu, d)  # noqa: E731
+    got = jax.grad(lambda *a: loss(padded, *a), argnums=(0, 1, 2, 3))(x, weight, gate_up, down)
+    want = list(jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2, 3))(x, weight, gate_up, down))
+    want[1] = want[1] * kept
+    for a, b in zip(got, want):
+        assert float(jnp.abs(b).max()) > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_experts_with_room_for_every_token_equal_sorted(routed_tokens):
+    x, expert, weight = (a[:36] for a in routed_tokens[:3])  # 3 groups of 12
+    gate_up, down = routed_tokens[3:]
+    y, dropped = experts_padded(x, expert, weight, gate_up, down, group_size=12, capacity_factor=4.0)
+    assert int(dropped) == 0
+    np.testing.assert_allclose(np.asarray(y), np.asarray(experts_sorted(x, expert, weight, gate_up, down)),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_functional_use_and_balancing_bias_is_not_a_param():
