@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from zaya_jax.moe import capacity_slots, experts_sorted
+from zaya_jax.moe import bucket_slots, capacity_slots, experts_sorted
 
 TRANSPORTS = ("all_to_all", "all_gather", "ragged_all_to_all")
 # Platforms whose XLA backend has no ragged_all_to_all (module-level so that a test can emulate the collective).
@@ -82,15 +82,11 @@ def _all_to_all_body(
     num_local = gate_up.shape[0]
     dest = expert // num_local
     local_expert = expert % num_local
-    # Slot of each token in its destination's row: its rank among this device's earlier tokens (by position)
-    # going to the same shard. First-come by position; tokens with rank >= C are dropped.
-    rank = jnp.take_along_axis(jnp.cumsum(jax.nn.one_hot(dest, num_shards, dtype=jnp.int32), axis=0),
-                               dest[:, None], axis=1)[:, 0] - 1
-    kept = rank < capacity
-    # Flat slot index into [n * C]; dropped tokens go to one extra trash row that is sliced off, so the
-    # scatter/gather pair stays in bounds and dropped tokens get exactly zero output and zero cotangent.
+    # Slot of each token in its destination's row of C (first come by position; past C it is dropped). Dropped
+    # tokens go to one extra trash row that is sliced off, so the scatter/gather pair stays in bounds and dropped
+    # tokens get exactly zero output and zero cotangent.
+    slot, kept = bucket_slots(dest, num_shards, capacity)
     trash = num_shards * capacity
-    slot = jnp.where(kept, dest * capacity + rank, trash)
 
     # Scatter-add (not set): slots are unique except the trash row, and add transposes to a plain gather.
     send_x = jnp.zeros((trash + 1, h), x.dtype).at[slot].add(x)[:trash]

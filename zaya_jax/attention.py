@@ -29,7 +29,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-_MASKED = -1e30  # finite, so a fully masked row (never produced here: a token always sees itself) cannot NaN
+# The score of a masked pair, here and in the kernels: finite, so a fully masked row (a padding row; a real token
+# always sees itself) cannot NaN.
+MASKED_SCORE = -1e30
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -48,7 +50,7 @@ def xla_attention(
     groups = q_heads // kv_heads
     qg = q.reshape(batch, seq, kv_heads, groups, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * (head_dim**-0.5)
-    scores = jnp.where(_allowed(q_segments, kv_segments, q_start)[:, None, None], scores, _MASKED)
+    scores = jnp.where(_allowed(q_segments, kv_segments, q_start)[:, None, None], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, seq, q_heads, head_dim).astype(q.dtype)

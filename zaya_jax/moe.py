@@ -68,6 +68,19 @@ def capacity_slots(tokens: int, buckets: int, capacity_factor: float) -> int:
     return max(1, min(tokens, math.ceil(capacity_factor * tokens / buckets)))
 
 
+def bucket_slots(bucket: jax.Array, num_buckets: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Each token's slot in a [num_buckets * capacity] buffer (plus one trash slot at num_buckets * capacity).
+
+    bucket [..., T] int (an expert, or a destination shard; ids outside [0, num_buckets), such as the skip class,
+    get no slot) -> (slot [..., T] int32, kept [..., T] bool). A token's slot is bucket * capacity + its rank among
+    the earlier tokens of its bucket along T (first come by position); tokens past capacity go to the trash slot,
+    which callers cut off so that those tokens read back zero."""
+    one_hot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.int32)  # all zero outside [0, num_buckets)
+    rank = jnp.sum(jnp.cumsum(one_hot, axis=-2) * one_hot, axis=-1) - 1
+    kept = (rank >= 0) & (rank < capacity)
+    return jnp.where(kept, bucket * capacity + rank, num_buckets * capacity).astype(jnp.int32), kept
+
+
 def experts_padded(
     x: jax.Array, expert: jax.Array, weight: jax.Array, gate_up: jax.Array, down: jax.Array, *, group_size: int,
     capacity_factor: float,
@@ -80,14 +93,8 @@ def experts_padded(
     groups = t // group_size
     capacity = capacity_slots(group_size, num_experts, capacity_factor)
     expert = expert.reshape(groups, group_size)
-    routed = expert < num_experts
-    # Rank of each token among the earlier tokens of its group routed to the same expert (first come by position).
-    one_hot = jax.nn.one_hot(expert, num_experts, dtype=jnp.int32)  # all zero for the skip class
-    rank = jnp.sum(jnp.cumsum(one_hot, axis=1) * one_hot, axis=-1) - 1
-    kept = routed & (rank < capacity)
-    # Flat slot in [E * C]; unkept tokens go to one extra trash slot that is cut off, so they read back 0.
+    slot, kept = bucket_slots(expert, num_experts, capacity)  # per group; the skip class takes no slot
     trash = num_experts * capacity
-    slot = jnp.where(kept, expert * capacity + rank, trash)
     # Per group (vmapped, so the partitioner sees each group write only its own rows): a scatter-add (slots are
     # unique but the trash one), whose transpose is a plain gather.
     fill = jax.vmap(lambda rows, slots: jnp.zeros((trash + 1, h), x.dtype).at[slots].add(rows))
@@ -97,7 +104,7 @@ def experts_padded(
     out = constrain(constrain(jnp.einsum("geci,eih->gech", hidden, down), "expert_buffer"), "dispatch")
     out = jnp.concatenate([out.reshape(groups, trash, h), jnp.zeros((groups, 1, h), out.dtype)], axis=1)
     y = jax.vmap(lambda rows, slots: rows[slots])(out, slot).reshape(t, h)
-    dropped = jnp.sum(routed & ~kept).astype(jnp.int32)
+    dropped = jnp.sum((expert < num_experts) & ~kept).astype(jnp.int32)
     return y * weight[:, None].astype(y.dtype), dropped
 
 

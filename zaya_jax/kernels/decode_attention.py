@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from zaya_jax.attention import MASKED_SCORE
 from zaya_jax.kernels import compiler_params, online_softmax, scalars_spec, softmax_init
 
-_MASKED = -1e30
 
 
 def _decode_kernel(pos_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, *, block_k, scale):
@@ -34,7 +34,7 @@ def _decode_kernel(pos_ref, q_ref, k_ref, v_ref, valid_ref, o_ref, *, block_k, s
         s = jax.lax.dot_general(q, k_ref[tile, :], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale
         slots = j * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where((valid_ref[:, tile] == 1) & (slots <= position), s, _MASKED)
+        s = jnp.where((valid_ref[:, tile] == 1) & (slots <= position), s, MASKED_SCORE)
         return online_softmax(carry, s, v_ref[tile, :])
 
     last = jnp.minimum(position // block_k + 1, k_ref.shape[0] // block_k)

@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from zaya_jax.attention import MASKED_SCORE
 from zaya_jax.kernels import compiler_params, online_softmax, scalars_spec, softmax_init
 
-_MASKED = -1e30  # as in attention.py: finite, so fully masked padding rows stay finite
 _Q_PAD, _KV_PAD = -2, -3  # segment ids of padding rows: they match nothing real and not each other
 
 
@@ -58,7 +58,7 @@ def _scores(q, k, q_seg, kv_seg, q_first, k_first, scale):
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
     q_idx = q_first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
     kv_idx = k_first + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    return jnp.where((q_seg == kv_seg) & (kv_idx <= q_idx), s, _MASKED)
+    return jnp.where((q_seg == kv_seg) & (kv_idx <= q_idx), s, MASKED_SCORE)
 
 
 def _visible_key_tiles(start, block_q, block_k, num_k):
