@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+from tests.tolerances import float32_bound, model_depth, model_terms
 from train.config import load_train_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -41,7 +42,8 @@ def test_finetune_starts_from_the_base_weights_and_exports(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-2000:]
     error = float(re.search(r"max \|difference\| / max \|logit\| = (\S+)", export.stdout).group(1))
-    assert error < 1e-4
+    config = load_preset("tiny")  # float32 against transformers' float32 (tests/tolerances.py)
+    assert error <= float32_bound(model_terms(config, 16), model_depth(config.num_layers))
     # Two steps at lr 1e-9 move no weight by more than ~1e-8: the run started from the base checkpoint.
     tuned = load_pretrained(out)
     pairs = zip(jax.tree.leaves(nnx.state(tuned, nnx.Param)), jax.tree.leaves(nnx.state(base_model, nnx.Param)))

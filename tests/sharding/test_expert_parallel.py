@@ -16,6 +16,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import sharding.expert_parallel as ep
 from sharding.expert_parallel import expert_parallel_ffn
+from tests.tolerances import EXPERT_GRAD_DEPTH, assert_float32_close
 from zaya_jax.moe import experts_dense
 
 T, H, I = 64, 16, 8
@@ -100,11 +101,11 @@ def _max_err(got, want) -> float:
     return float(np.max(np.abs(got - want)))
 
 
-def _check_close(name: str, got: np.ndarray, want: np.ndarray, rtol: float = 1e-5) -> float:
-    # Relative to the array's scale: per-element rtol is meaningless for entries that are ~0.
-    err = _max_err(got, want)
-    assert err <= rtol * max(1.0, float(np.max(np.abs(want)))), f"{name}: max abs error {err}"
-    return err
+def _check_close(name: str, got: np.ndarray, want: np.ndarray) -> float:
+    # The experts' sums (over H, I, and the tokens in the weights' gradients) in another order, and the transports'
+    # partial sums over the expert shards (tests/tolerances.py). Returns the max abs error.
+    assert_float32_close(got, want, terms=T, depth=EXPERT_GRAD_DEPTH, name=name)
+    return _max_err(got, want)
 
 
 CASES = [(m, t, r) for m in MESHES for t in ("all_to_all", "all_gather", "ragged_emulated")

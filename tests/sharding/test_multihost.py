@@ -14,6 +14,7 @@ import pytest
 
 from sharding import MeshConfig, make_mesh, train_state_shardings
 from sharding.multihost import WATCHDOG_EXIT_CODE, detect_settings, first_slurm_host
+from tests.tolerances import float32_bound
 from train.checkpoint import Checkpointer
 from train.config import load_train_config
 from train.loop import abstract_like, from_nested_dict, run_training, setup, to_nested_dict
@@ -63,7 +64,9 @@ def test_two_processes_train_like_one_process_with_eight_devices(two_process_run
     one = {r["step"]: r["loss"] for r in read_metrics(single)}
     assert sorted(multi) == sorted(one) == [1, 2, 3, 4]
     for step in multi:
-        assert abs(multi[step] - one[step]) <= 1e-6 * abs(one[step]), (step, multi[step], one[step])
+        # Each process runs the one-process program on its devices; only the cross-device sums of the loss and the
+        # gradients (8 terms) are ordered otherwise, once more at every step (tests/tolerances.py).
+        assert abs(multi[step] - one[step]) <= float32_bound(terms=8, depth=step) * abs(one[step]), step
     print(f"2 x 4 devices vs 1 x 8: losses {multi} vs {one}; 2-process wall time {wall:.1f}s")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.tolerances import float32_bound, model_depth, model_terms
 from tests.zaya_jax.test_parity import _models
 from zaya_jax import generate, load_preset
 from zaya_jax.cache import init_cache, kv_bytes_per_token
@@ -48,7 +49,9 @@ def cached_vs_full_error(model) -> float:
 
 def test_cached_decoding_logits_equal_the_full_forward(pair):
     _, model = pair
-    assert cached_vs_full_error(model) <= 1e-4
+    # The same float32 model; the cache changes the order of the attention and convolution sums.
+    config = model.config
+    assert cached_vs_full_error(model) <= float32_bound(model_terms(config, 12), model_depth(config.num_layers))
 
 
 def test_greedy_tokens_equal_transformers_generate(pair):
