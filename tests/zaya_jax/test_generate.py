@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,13 +28,20 @@ def _prompts(vocab: int, rows: int = 3, length: int = 9, seed: int = 0):
     return np.where(mask == 1, ids, 0), mask
 
 
-def cached_vs_full_error(model, prefill: int = 5) -> float:
-    """Max |cached - full| / max |full| over real positions: prefill `prefill` tokens, then one token per call."""
+@functools.lru_cache(maxsize=4)
+def _full_forward_and_step(model):
+    """The full forward's logits on the 12-token prompts, and the jitted cached step: one compile per model for
+    every prefill length tried."""
     ids, mask = _prompts(model.config.vocab_size, length=12)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=jnp.asarray(positions)))
+    return ids, mask, positions, full, jax.jit(model.cached_forward)
+
+
+def cached_vs_full_error(model, prefill: int = 5) -> float:
+    """Max |cached - full| / max |full| over real positions: prefill `prefill` tokens, then one token per call."""
+    ids, mask, positions, full, step = _full_forward_and_step(model)
     cache = init_cache(model.config, ids.shape[0], ids.shape[1])
-    step = jax.jit(model.cached_forward)
     logits, cache = step(jnp.asarray(ids[:, :prefill]), jnp.asarray(positions[:, :prefill]),
                          jnp.asarray(mask[:, :prefill]), cache)
     cached = [np.asarray(logits)]
