@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
+from train.cli import load_for_inference
 from train.data.synthetic import generate_problems
 from zaya_jax.answers import extract_answer
-from zaya_jax.cli import load_for_inference
 from zaya_jax.rsa import RSAConfig, markovian_rsa
 
 

@@ -1,7 +1,14 @@
-"""Command-line entry points for training.
+"""Command-line entry points that read or write zaya-train runs.
 
-    zaya-train  --config configs/tiny.yaml [--set section.key=value ...]
-    zaya-export --checkpoint RUN_DIR --out HF_DIR [--step N] [--dtype bfloat16]
+    zaya-train    --config configs/tiny.yaml [--set section.key=value ...]
+    zaya-export   --checkpoint RUN_DIR --out HF_DIR [--step N] [--dtype bfloat16]
+    zaya-generate --model PATH --prompt TEXT [--prompt TEXT ...]
+    zaya-rsa      --model PATH --question TEXT | --synthetic K
+
+zaya-generate loads a transformers-format directory (config.json + safetensors) or a zaya-train run directory (its
+latest checkpoint) and decodes with the cache, streaming the text of a single prompt as it is generated. zaya-rsa
+runs Markovian RSA with per-round statistics, on given questions or on K held-out problems of the embedded synthetic
+task (scored). Both live here, not in zaya_jax/cli.py, because run directories need the training package.
 
 Errors a user can cause (a missing file, a bad config value, an unknown key) print one line and exit with status 2.
 """
@@ -9,14 +16,19 @@ Errors a user can cause (a missing file, a bad config value, an unknown key) pri
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 
 import jax
+import numpy as np
 
 from sharding.multihost import WATCHDOG_EXIT_CODE, detect_settings, initialize
 from train.config import TrainConfig, load_train_config
 from zaya_jax.cli import BackendUnavailable, require_backend
+from zaya_jax.model import ZayaForCausalLM
+from zaya_jax.tokenizers import Tokenizer, load_tokenizer, reasoning_prompt
 
 
 def _fail(prog: str, error: BaseException) -> int:
@@ -131,6 +143,161 @@ def load_run_model(run_dir: str, *, step: int | None = None):
         checkpointer.close()
     state = from_nested_dict(template, nested)
     return nnx.merge(graphdef, state.params, state.biases), cfg
+
+
+def load_for_inference(path: str, tokenizer_spec: str | None = None,
+                       step: int | None = None) -> tuple[ZayaForCausalLM, Tokenizer]:
+    """The model and tokenizer behind `path`: a transformers-format directory or a zaya-train run directory.
+
+    The tokenizer is `tokenizer_spec` ("byte" or a tokenizer.json path) when given; otherwise the run's
+    data.tokenizer, or the directory's own tokenizer.json. Nothing is guessed: without either it is an error."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from zaya_jax.hf_io import load_pretrained
+
+        model = load_pretrained(path)
+        own_tokenizer = path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    elif os.path.isfile(os.path.join(path, "config.yaml")):
+        model, cfg = load_run_model(path, step=step)
+        own_tokenizer = cfg.data.tokenizer
+    else:
+        raise FileNotFoundError(f"{path}: neither a transformers-format directory (config.json) nor a zaya-train "
+                                f"run directory (config.yaml)")
+    spec = tokenizer_spec or own_tokenizer
+    if spec is None:
+        raise ValueError(f"{path} has no tokenizer.json: pass --tokenizer byte or --tokenizer PATH/tokenizer.json")
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}: wrong --tokenizer?")
+    return model, tokenizer
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="transformers-format directory or zaya-train run directory")
+    parser.add_argument("--step", type=int, default=None, help="run directory: checkpoint step (default: latest)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="'byte' or a tokenizer.json path (default: the run's, or the directory's own)")
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = all tokens")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+class _TextStream:
+    """Prints row 0's text as tokens arrive; decodes the whole prefix each time so multi-token characters print
+    once they are complete."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, sys.stdout, [], ""
+
+    def __call__(self, tokens: np.ndarray, done: np.ndarray) -> None:
+        if done[0]:
+            return
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    from zaya_jax.generate import generate_ids
+
+    parser = argparse.ArgumentParser(prog="zaya-generate", description="Decode text with a ZAYA1 model (cached).")
+    _model_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--raw", action="store_true",
+                        help="feed the prompt as is (default: the reasoning format <bos> prompt \\n <think>)")
+    _sampling_arguments(parser, temperature=0.0)
+    args = parser.parse_args(argv)
+    try:
+        require_backend()
+        model, tokenizer = load_for_inference(args.model, args.tokenizer, args.step)
+        prompts = [tokenizer.encode(p) if args.raw else reasoning_prompt(tokenizer, p) for p in args.prompt]
+        stream = _TextStream(tokenizer) if len(prompts) == 1 else None
+        if stream is not None and not args.raw:
+            print("<think>", end="", flush=True)
+        start = time.perf_counter()
+        generated = generate_ids(model, prompts, args.max_new_tokens, pad_id=tokenizer.pad_id,
+                                 stop_tokens=(tokenizer.eos_id,), temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, seed=args.seed,
+                                 **({"on_tokens": stream} if stream is not None else {}))
+        seconds = time.perf_counter() - start
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
+        return _fail("zaya-generate", e)
+    if stream is not None:
+        print(tokenizer.decode(generated[0])[len(stream.printed):])
+    else:
+        for prompt, ids in zip(args.prompt, generated):
+            print(f"=== {prompt}\n{tokenizer.decode(ids)}")
+    tokens = sum(len(ids) for ids in generated)
+    print(f"[{tokens} tokens in {seconds:.2f}s (compile included) on {jax.devices()[0].platform}]", file=sys.stderr)
+    return 0
+
+
+def rsa_main(argv: list[str] | None = None) -> int:
+    from zaya_jax.answers import extract_answer
+    from zaya_jax.rsa import FORMATS, RSAConfig, markovian_rsa
+
+    parser = argparse.ArgumentParser(prog="zaya-rsa", description="Markovian RSA test-time compute (zaya_jax.rsa).")
+    _model_arguments(parser)
+    questions = parser.add_mutually_exclusive_group(required=True)
+    questions.add_argument("--question", action="append", help="question text (repeatable)")
+    questions.add_argument("--synthetic", type=int, metavar="K",
+                           help="the first K held-out problems of the embedded synthetic task, scored")
+    parser.add_argument("--population", "-N", type=int, default=16)
+    parser.add_argument("--candidates", "-C", type=int, default=4)
+    parser.add_argument("--rounds", "-T", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=8192, help="beta: max new tokens per rollout")
+    parser.add_argument("--tail", type=int, default=4096, help="tau: carried tail tokens")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="paper", help="aggregation prompt format")
+    parser.add_argument("--answer-pattern", default=None, help="regex with one group (default: last \\boxed{})")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per decode call (default: a round)")
+    parser.add_argument("--json", default=None, help="also write the per-round statistics and answers here")
+    _sampling_arguments(parser, temperature=1.0)
+    args = parser.parse_args(argv)
+    try:
+        config = RSAConfig(population=args.population, candidates=args.candidates, rounds=args.rounds,
+                           budget=args.budget, tail=args.tail, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, prompt_format=args.format, answer_pattern=args.answer_pattern,
+                           batch_size=args.batch_size, seed=args.seed)
+        require_backend()
+        model, tokenizer = load_for_inference(args.model, args.tokenizer, args.step)
+        if args.synthetic is not None:
+            from train.data.synthetic import generate_problems
+
+            records = generate_problems(args.synthetic, seed=args.seed, split="heldout")
+            texts = [r["prompt"] for r in records]
+            references = [extract_answer(r["answer"]) for r in records]
+        else:
+            texts, references = args.question, None
+        result = markovian_rsa(model, tokenizer, texts, config)
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
+        return _fail("zaya-rsa", e)
+    print("round  rows  prompt_max  generated  finished  answered  agreement  cache_slots  seconds")
+    for r in result.rounds:
+        print(f"{r.round:5d} {r.rows:5d} {r.prompt_tokens_max:11d} {r.generated_tokens:10d} {r.finished:9.2f} "
+              f"{r.answered:9.2f} {r.agreement:10.2f} {r.cache_slots:12d} {r.seconds:8.2f}")
+    report = {"config": vars(args), "rounds": [r._asdict() for r in result.rounds], "answers": result.answers}
+    if references is None:
+        for question, answer in zip(texts, result.answers):
+            print(f"{question} -> {answer}")
+    else:
+        majority = float(np.mean([a == ref for a, ref in zip(result.answers, references)]))
+        mean_final = float(np.mean([np.mean([a == ref for a in finals])
+                                    for finals, ref in zip(result.final_answers, references)]))
+        report.update(majority_accuracy=majority, mean_final_accuracy=mean_final)
+        print(f"{len(texts)} held-out problems: majority-vote accuracy {majority:.3f}, "
+              f"mean final-round accuracy {mean_final:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":

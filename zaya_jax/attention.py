@@ -29,9 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-# The score of a masked pair, here and in the kernels: finite, so a fully masked row (a padding row; a real token
-# always sees itself) cannot NaN.
-MASKED_SCORE = -1e30
+from zaya_jax.masking import MASKED_SCORE
 
 AttentionFn = Callable[..., jax.Array]
 

@@ -7,6 +7,7 @@
         value [B, Hkv*D/2]     the previous token's delayed value projection x_{t-1} W_v_del
     Cache = (layers: LayerCache [L, ...], valid [B, T] int32 (1 = a real token in that slot), length: int32 [])
 
+Both recurrent states are zero after a call that ends on left padding: the first real token has no history.
 Every row writes the same slot at each step (prompts are left-padded to one length), so `length` is one scalar.
 The K/V part costs 2 * Hkv * D values per layer per token: 512 for ZAYA1-8B, 40 KiB per token over 40 layers in
 bf16; conv and value states are per sequence, not per token.

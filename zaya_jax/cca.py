@@ -128,6 +128,12 @@ class CCAttention(nnx.Module):
         keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start, 2)
         values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start, 2)
         out = attend_cached(q, keys, values, segment_ids, valid, start, self.config.attention_impl)
+        # A call that ends on left padding leaves no history: the next call's first real token starts its sequence
+        # (its conv sees zero columns, its value shift a zero value), as transformers zeroes padded inputs. Kept,
+        # the padding's columns would count as that token's history, since history takes the first new token's id.
+        ends_real = (segment_ids[:, -1] != 0)[:, None]
+        conv = jnp.where(ends_real[..., None], conv, 0)
+        value = jnp.where(ends_real, value, 0)
         return self._output(out), LayerCache(keys, values, conv.astype(cache.conv.dtype),
                                              value.astype(cache.value.dtype))
 

@@ -152,9 +152,9 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
         batch, prompt_len = input_ids.shape
         cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits, cache = model.cached_forward(input_ids, positions, mask, cache)
+        logits, cache = model.cached_forward(input_ids, positions, mask, cache, last_only=True)
         key, sub = jax.random.split(key)
-        token = sample_token(logits[:, -1], sub, temperature, top_k, top_p)
+        token = sample_token(logits[:, 0], sub, temperature, top_k, top_p)
         out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
         done = jnp.isin(token, stop_ids)
         if stream:
@@ -171,7 +171,7 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
             logits, cache = model.cached_forward(token[:, None], position[:, None], jnp.ones_like(token)[:, None],
                                                  cache)
             key, sub = jax.random.split(key)
-            new = sample_token(logits[:, -1], sub, temperature, top_k, top_p)
+            new = sample_token(logits[:, 0], sub, temperature, top_k, top_p)
             new = jnp.where(done, pad_id, new)
             if stream:
                 io_callback(_emit, None, new, done, ordered=True)

@@ -156,10 +156,15 @@ class ZayaForCausalLM(nnx.Module):
         return self.final_norm(residual.astype(dtype)), Routing(choices, dropped)
 
     def cached_forward(
-        self, input_ids: jax.Array, positions: jax.Array, new_valid: jax.Array, cache: Cache
+        self, input_ids: jax.Array, positions: jax.Array, new_valid: jax.Array, cache: Cache, *,
+        last_only: bool = False,
     ) -> tuple[jax.Array, Cache]:
         """Runs S new tokens against the cache: input_ids, positions, new_valid [B, S] (new_valid 0 marks left
-        padding) -> (logits [B, S, V] float32, the cache with the S tokens appended)."""
+        padding) -> (logits [B, S, V] float32, the cache with the S tokens appended).
+
+        last_only: logits of the last new token only, [B, 1, V], which is all a prefill needs (prompts are
+        left-padded, so the last token is every row's last real one); [B, S, V] float32 would be 69 GB for
+        ZAYA1's 262,272-token vocabulary at batch 8 and an 8K prompt."""
         cfg = self.config
         dtype = compute_dtype(cfg)
         valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid.astype(jnp.int32), cache.length, axis=1)
@@ -176,6 +181,8 @@ class ZayaForCausalLM(nnx.Module):
 
         router_state = jnp.zeros((*input_ids.shape, cfg.router_hidden_size), dtype)
         (residual, _), layers = jax.lax.scan(body, (residual, router_state), (layer_state, cache.layers))
+        if last_only:
+            residual = residual[:, -1:]
         logits = self.logits(self.final_norm(residual.astype(dtype)))
         return logits, Cache(layers, valid, cache.length + input_ids.shape[1])
 

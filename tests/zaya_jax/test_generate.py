@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,14 +29,20 @@ def _prompts(vocab: int, rows: int = 3, length: int = 9, seed: int = 0):
     return np.where(mask == 1, ids, 0), mask
 
 
-def cached_vs_full_error(model) -> float:
-    """Max |cached - full| / max |full| over real positions: prefill 5 tokens, then one token per call."""
+@functools.lru_cache(maxsize=4)
+def _full_forward_and_step(model):
+    """The full forward's logits on the 12-token prompts, and the jitted cached step: one compile per model for
+    every prefill length tried."""
     ids, mask = _prompts(model.config.vocab_size, length=12)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), positions=jnp.asarray(positions)))
-    prefill = 5
+    return ids, mask, positions, full, jax.jit(model.cached_forward)
+
+
+def cached_vs_full_error(model, prefill: int = 5) -> float:
+    """Max |cached - full| / max |full| over real positions: prefill `prefill` tokens, then one token per call."""
+    ids, mask, positions, full, step = _full_forward_and_step(model)
     cache = init_cache(model.config, ids.shape[0], ids.shape[1])
-    step = jax.jit(model.cached_forward)
     logits, cache = step(jnp.asarray(ids[:, :prefill]), jnp.asarray(positions[:, :prefill]),
                          jnp.asarray(mask[:, :prefill]), cache)
     cached = [np.asarray(logits)]
@@ -47,11 +55,15 @@ def cached_vs_full_error(model) -> float:
     return float(np.abs(cached - full)[real].max() / np.abs(full[real]).max())
 
 
-def test_cached_decoding_logits_equal_the_full_forward(pair):
+# Row 0 has 4 padding tokens: a 5-token prefill ends on its first real token; a 3-token one ends on padding, so the
+# next call ends on padding too and the one after starts with the first real token, which must see no history.
+@pytest.mark.parametrize("prefill", [5, 3])
+def test_cached_decoding_logits_equal_the_full_forward(pair, prefill):
     _, model = pair
     # The same float32 model; the cache changes the order of the attention and convolution sums.
     config = model.config
-    assert cached_vs_full_error(model) <= float32_bound(model_terms(config, 12), model_depth(config.num_layers))
+    bound = float32_bound(model_terms(config, 12), model_depth(config.num_layers))
+    assert cached_vs_full_error(model, prefill) <= bound
 
 
 def test_greedy_tokens_equal_transformers_generate(pair):
@@ -63,6 +75,28 @@ def test_greedy_tokens_equal_transformers_generate(pair):
     out = generate(model, ids, 8, attention_mask=mask, stop_tokens=())
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
     assert (np.asarray(out.lengths) == 8).all()
+
+
+def _output_shapes(jaxpr):
+    """The shapes of every value a jaxpr computes, inside nested jaxprs (jit, scan, while) too."""
+    for eqn in jaxpr.eqns:
+        yield from (v.aval.shape for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _output_shapes(inner)
+
+
+def test_prefill_computes_the_logits_of_the_last_prompt_token_only(pair):
+    _, model = pair
+    vocab = model.config.vocab_size
+    ids, mask = _prompts(vocab)  # [3, 9]
+    program = jax.make_jaxpr(lambda ids, mask: generate(model, ids, 2, attention_mask=mask, stop_tokens=()).tokens)
+    per_row = {s for s in _output_shapes(program(ids, mask).jaxpr) if len(s) >= 2 and s[0] == 3 and s[-1] == vocab}
+    assert (3, 1, vocab) in per_row  # the logits of prefill and of each decode step
+    # Nothing vocabulary-wide covers more than one token per row: no [3, 9, V] prefill logits.
+    assert all(int(np.prod(s[1:-1])) == 1 for s in per_row), per_row
 
 
 def test_stop_tokens_pad_the_rest_and_sampling_settings(pair):

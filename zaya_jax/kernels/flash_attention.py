@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from zaya_jax.attention import MASKED_SCORE
 from zaya_jax.kernels import compiler_params, online_softmax, scalars_spec, softmax_init
+from zaya_jax.masking import MASKED_SCORE
 
 _Q_PAD, _KV_PAD = -2, -3  # segment ids of padding rows: they match nothing real and not each other
 
