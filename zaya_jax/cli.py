@@ -40,6 +40,11 @@ def forward_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_preset(args.config)
+        if not 1 <= args.seq <= config.max_position_embeddings:
+            raise ValueError(f"--seq {args.seq} must be in [1, max_position_embeddings = "
+                             f"{config.max_position_embeddings}], the longest sequence {args.config} accepts")
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
         require_backend()
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-forward", e)
@@ -138,12 +143,17 @@ def _sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> 
 
 class _TextStream:
     """Prints row 0's text as tokens arrive; decodes the whole prefix each time so multi-token characters print
-    once they are complete."""
+    once they are complete. `prefix` (the prompt's trailing `<think>`) is printed with the first token, so an
+    error before decoding starts prints nothing."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, sys.stdout, [], ""
+    def __init__(self, tokenizer: Tokenizer, prefix: str = ""):
+        self.tokenizer, self.out, self.ids, self.printed, self.prefix = tokenizer, sys.stdout, [], "", prefix
 
     def __call__(self, tokens: np.ndarray, done: np.ndarray) -> None:
+        if self.prefix:
+            self.out.write(self.prefix)
+            self.out.flush()
+            self.prefix = ""
         if done[0]:
             return
         self.ids.append(int(tokens[0]))
@@ -169,9 +179,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         require_backend()
         model, tokenizer = load_for_inference(args.model, args.tokenizer, args.step)
         prompts = [tokenizer.encode(p) if args.raw else reasoning_prompt(tokenizer, p) for p in args.prompt]
-        stream = _TextStream(tokenizer) if len(prompts) == 1 else None
-        if stream is not None and not args.raw:
-            print("<think>", end="", flush=True)
+        stream = _TextStream(tokenizer, prefix="" if args.raw else "<think>") if len(prompts) == 1 else None
         start = time.perf_counter()
         generated = generate_ids(model, prompts, args.max_new_tokens, pad_id=tokenizer.pad_id,
                                  stop_tokens=(tokenizer.eos_id,), temperature=args.temperature, top_k=args.top_k,
@@ -181,7 +189,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-generate", e)
     if stream is not None:
-        print(tokenizer.decode(generated[0])[len(stream.printed):])
+        print(stream.prefix + tokenizer.decode(generated[0])[len(stream.printed):])
     else:
         for prompt, ids in zip(args.prompt, generated):
             print(f"=== {prompt}\n{tokenizer.decode(ids)}")
