@@ -1,6 +1,6 @@
 """Command-line entry points for training.
 
-    zaya-train  --config configs/tiny.yaml [--set section.key=value ...]
+    zaya-train  --config configs/tiny.yaml [--set section.key=value ...] [--dry-run]
     zaya-export --checkpoint RUN_DIR --out HF_DIR [--step N] [--dtype bfloat16]
 
 Errors a user can cause (a missing file, a bad config value, an unknown key) print one line and exit with status 2.
@@ -33,12 +33,16 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
     parser.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for all processes to join")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config (every key), the parameter "
+                        "counts and the memory estimate, then exit without building the model")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
         settings = detect_settings(args.coordinator, args.num_processes, args.process_id)
     except (ValueError, FileNotFoundError, TypeError) as e:
         return _fail("zaya-train", e)
+    if args.dry_run:
+        return dry_run(cfg, args.config)
     try:
         # The coordinator's heartbeat aborts a process without a word; give the step watchdog the first say.
         heartbeat = int(max(100, 2 * cfg.train.step_timeout_s))
@@ -53,7 +57,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from train.loop import BadStepsError, run_training
 
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, config_name=args.config)
     except (ValueError, FileNotFoundError) as e:
         return _fail("zaya-train", e)
     except jax.errors.JaxRuntimeError as e:
@@ -74,11 +78,45 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"steps: {summary.steps}  first loss: {summary.first_loss:.4f}  last loss: {summary.last_loss:.4f}  "
               f"skipped steps: {summary.skipped_steps}")
     print(f"data: {summary.data_counters}")
+    if summary.data_counters.get("skipped"):
+        print(f"skipped {summary.data_counters['skipped']} malformed record(s) of {cfg.data.source} "
+              "(data.on_error=skip)")
     if summary.heldout_accuracy is not None:
         print(f"held-out answer accuracy: {summary.heldout_accuracy:.3f} ({cfg.data.eval_samples} problems)")
     if summary.interrupted:
         print("stopped early by a signal; the checkpoint is saved, rerun the same command to resume")
     print(f"wall time: {summary.wall_time_s:.1f}s")
+    return 0
+
+
+def dry_run(cfg: TrainConfig, config_name: str) -> int:
+    """Prints what the run would do and exits 0; allocates no parameter and writes nothing."""
+    import yaml
+
+    from sharding import make_mesh
+    from train.describe import config_warnings, run_description, start_line
+    from train.memory import estimate_memory, memory_shortfall
+
+    try:
+        require_backend()
+        mesh = make_mesh(cfg.mesh)
+        memory = estimate_memory(cfg, mesh)
+    except (ValueError, BackendUnavailable) as e:
+        return _fail("zaya-train", e)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print("\n".join(run_description(cfg, mesh, memory, config_name)))
+    checkpoints = os.path.join(cfg.train.run_dir, "checkpoints")
+    # Only looked at, not opened: orbax would clean up the temporary directories of a run writing there.
+    if cfg.train.resume and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        print(f"{checkpoints} holds checkpoints: the run would resume from the latest complete one")
+    else:
+        print(start_line(cfg.train, None))
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}")
+    shortfall = memory_shortfall(memory)
+    if shortfall is not None:
+        print(f"warning: {shortfall}")
+    print("dry run: nothing was built or written")
     return 0
 
 
@@ -107,6 +145,18 @@ def export_run(run_dir: str, out: str, *, step: int | None = None, dtype: str | 
 
     model, _ = load_run_model(run_dir, step=step)
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)
+    follow_umask(out)
+
+
+def follow_umask(path: str) -> None:
+    """Gives `path` and the files in it the modes a plain mkdir / open would (0o777 / 0o666 less the umask):
+    the staging directory and the safetensors writer create them 0o700 / 0o600, private to the exporting user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for name in os.listdir(path):
+        if os.path.isfile(os.path.join(path, name)):
+            os.chmod(os.path.join(path, name), 0o666 & ~umask)
 
 
 def load_run_model(run_dir: str, *, step: int | None = None):
