@@ -1,6 +1,6 @@
 """Command-line entry points that read or write zaya-train runs.
 
-    zaya-train    --config configs/tiny.yaml [--set section.key=value ...]
+    zaya-train    --config configs/tiny.yaml [--set section.key=value ...] [--dry-run]
     zaya-export   --checkpoint RUN_DIR --out HF_DIR [--step N] [--dtype bfloat16]
     zaya-generate --model PATH --prompt TEXT [--prompt TEXT ...]
     zaya-rsa      --model PATH --question TEXT | --synthetic K
@@ -45,12 +45,16 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
     parser.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for all processes to join")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config (every key), the parameter "
+                        "counts and the memory estimate, then exit without building the model")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
         settings = detect_settings(args.coordinator, args.num_processes, args.process_id)
     except (ValueError, FileNotFoundError, TypeError) as e:
         return _fail("zaya-train", e)
+    if args.dry_run:
+        return dry_run(cfg, args.config)
     try:
         # The coordinator's heartbeat aborts a process without a word; give the step watchdog the first say.
         heartbeat = int(max(100, 2 * cfg.train.step_timeout_s))
@@ -65,7 +69,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from train.loop import BadStepsError, run_training
 
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, config_name=args.config)
     except (ValueError, FileNotFoundError) as e:
         return _fail("zaya-train", e)
     except jax.errors.JaxRuntimeError as e:
@@ -86,11 +90,45 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"steps: {summary.steps}  first loss: {summary.first_loss:.4f}  last loss: {summary.last_loss:.4f}  "
               f"skipped steps: {summary.skipped_steps}")
     print(f"data: {summary.data_counters}")
+    if summary.data_counters.get("skipped"):
+        print(f"skipped {summary.data_counters['skipped']} malformed record(s) of {cfg.data.source} "
+              "(data.on_error=skip)")
     if summary.heldout_accuracy is not None:
         print(f"held-out answer accuracy: {summary.heldout_accuracy:.3f} ({cfg.data.eval_samples} problems)")
     if summary.interrupted:
         print("stopped early by a signal; the checkpoint is saved, rerun the same command to resume")
     print(f"wall time: {summary.wall_time_s:.1f}s")
+    return 0
+
+
+def dry_run(cfg: TrainConfig, config_name: str) -> int:
+    """Prints what the run would do and exits 0; allocates no parameter and writes nothing."""
+    import yaml
+
+    from sharding import make_mesh
+    from train.describe import config_warnings, run_description, start_line
+    from train.memory import estimate_memory, memory_shortfall
+
+    try:
+        require_backend()
+        mesh = make_mesh(cfg.mesh)
+        memory = estimate_memory(cfg, mesh)
+    except (ValueError, BackendUnavailable) as e:
+        return _fail("zaya-train", e)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print("\n".join(run_description(cfg, mesh, memory, config_name)))
+    checkpoints = os.path.join(cfg.train.run_dir, "checkpoints")
+    # Only looked at, not opened: orbax would clean up the temporary directories of a run writing there.
+    if cfg.train.resume and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        print(f"{checkpoints} holds checkpoints: the run would resume from the latest complete one")
+    else:
+        print(start_line(cfg.train, None))
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}")
+    shortfall = memory_shortfall(memory)
+    if shortfall is not None:
+        print(f"warning: {shortfall}")
+    print("dry run: nothing was built or written")
     return 0
 
 
@@ -119,6 +157,18 @@ def export_run(run_dir: str, out: str, *, step: int | None = None, dtype: str | 
 
     model, _ = load_run_model(run_dir, step=step)
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)
+    follow_umask(out)
+
+
+def follow_umask(path: str) -> None:
+    """Gives `path` and the files in it the modes a plain mkdir / open would (0o777 / 0o666 less the umask):
+    the staging directory and the safetensors writer create them 0o700 / 0o600, private to the exporting user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for name in os.listdir(path):
+        if os.path.isfile(os.path.join(path, name)):
+            os.chmod(os.path.join(path, name), 0o666 & ~umask)
 
 
 def load_run_model(run_dir: str, *, step: int | None = None):
@@ -188,12 +238,17 @@ def _sampling_arguments(parser: argparse.ArgumentParser, temperature: float) -> 
 
 class _TextStream:
     """Prints row 0's text as tokens arrive; decodes the whole prefix each time so multi-token characters print
-    once they are complete."""
+    once they are complete. `prefix` (the prompt's trailing `<think>`) is printed with the first token, so an
+    error before decoding starts prints nothing."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, sys.stdout, [], ""
+    def __init__(self, tokenizer: Tokenizer, prefix: str = ""):
+        self.tokenizer, self.out, self.ids, self.printed, self.prefix = tokenizer, sys.stdout, [], "", prefix
 
     def __call__(self, tokens: np.ndarray, done: np.ndarray) -> None:
+        if self.prefix:
+            self.out.write(self.prefix)
+            self.out.flush()
+            self.prefix = ""
         if done[0]:
             return
         self.ids.append(int(tokens[0]))
@@ -219,9 +274,7 @@ def generate_main(argv: list[str] | None = None) -> int:
         require_backend()
         model, tokenizer = load_for_inference(args.model, args.tokenizer, args.step)
         prompts = [tokenizer.encode(p) if args.raw else reasoning_prompt(tokenizer, p) for p in args.prompt]
-        stream = _TextStream(tokenizer) if len(prompts) == 1 else None
-        if stream is not None and not args.raw:
-            print("<think>", end="", flush=True)
+        stream = _TextStream(tokenizer, prefix="" if args.raw else "<think>") if len(prompts) == 1 else None
         start = time.perf_counter()
         generated = generate_ids(model, prompts, args.max_new_tokens, pad_id=tokenizer.pad_id,
                                  stop_tokens=(tokenizer.eos_id,), temperature=args.temperature, top_k=args.top_k,
@@ -231,7 +284,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-generate", e)
     if stream is not None:
-        print(tokenizer.decode(generated[0])[len(stream.printed):])
+        print(stream.prefix + tokenizer.decode(generated[0])[len(stream.printed):])
     else:
         for prompt, ids in zip(args.prompt, generated):
             print(f"=== {prompt}\n{tokenizer.decode(ids)}")

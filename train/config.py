@@ -8,7 +8,10 @@
     train:      RunConfig fields (below)
 
 A YAML preset may hold only some sections (the model presets hold `model:` alone); missing sections take their
-defaults. Every key is checked: an unknown key is an error that lists the closest valid keys.
+defaults, except `model`: a file without a model section (an empty file included) is an error, since the model's
+defaults are the full 8B ZAYA1. Every key is checked: an unknown key is an error that lists the closest valid keys,
+and a value of the wrong type (`steps: "ten"`, `--set train.batch_size=x`) one that names the key, the value and the
+expected type. A YAML syntax error names the file, line and column.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from sharding.mesh import MeshConfig
 from train.balancer import BalancerConfig
 from train.optim import OptimizerConfig
-from zaya_jax.config import ZayaConfig, load_yaml
+from zaya_jax.config import ZayaConfig, check_field_types, check_type, load_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,8 @@ class DataConfig:
     seq_len: int = 256  # tokens per packed row
     completion_only: bool = True  # loss on thinking + answer only (False: on every token)
     trim: bool = True  # answer-preserving trimming of samples longer than seq_len
-    on_error: str = "raise"  # malformed records: "raise" or "skip" (counted)
+    on_error: str = "raise"  # malformed records: "raise" or "skip" (counted, reported at the end and in summary.json)
+    on_empty: str = "warn"  # most of the source's first 256 documents empty (bos/eos alone): "warn" or "raise"
     pack_buffer_size: int = 256  # documents buffered for first-fit-decreasing packing
     read_shards: int = 0  # independent reader pipelines making up the global batch; 0 = one per process
     eval_source: str = "synthetic:heldout"  # held-out source for the end-of-run answer accuracy
@@ -39,10 +43,13 @@ class DataConfig:
     eval_max_new_tokens: int = 96  # decode budget per held-out problem
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.on_empty not in ("warn", "raise"):
+            raise ValueError(f"data.on_empty must be 'warn' or 'raise', got {self.on_empty!r}")
         if self.read_shards < 0:
             raise ValueError(f"data.read_shards must be >= 0, got {self.read_shards}")
         for name in ("pack_buffer_size", "eval_max_new_tokens"):
@@ -73,6 +80,7 @@ class RunConfig:
     peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate; 0 = look up the device kind
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train")
         for name in ("steps", "batch_size", "accumulation_steps", "log_every", "save_every", "keep_checkpoints",
                      "max_consecutive_bad_steps"):
             if getattr(self, name) < 1:
@@ -109,6 +117,11 @@ class TrainConfig:
     data: DataConfig
     train: RunConfig
 
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) is longer than model.max_position_embeddings "
+                             f"({self.model.max_position_embeddings}), the longest sequence the model accepts")
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}
         for name in SECTIONS:
@@ -127,10 +140,11 @@ class TrainConfig:
             if not isinstance(section, dict):
                 raise ValueError(f"config section {name!r} must be a mapping, got {type(section).__name__}")
             _check_section_keys(name, section_cls, section)
-            if section_cls is ZayaConfig:
-                built[name] = ZayaConfig.from_dict(section)
-            else:
-                built[name] = section_cls(**{k: _tuple_lists(v) for k, v in section.items()})
+            section = {k: _tuple_lists(v) for k, v in section.items()}
+            annotations = {f.name: f.type for f in dataclasses.fields(section_cls)}
+            for key, value in section.items():
+                check_type(f"{name}.{key}", value, annotations[key])
+            built[name] = section_cls(**section)
         return cls(**built)
 
 
@@ -139,11 +153,20 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
-        values = load_yaml(f) or {}
+        values = load_yaml(f, source=os.fspath(path))
+    if values is None or values == {}:
+        raise ValueError(f"{path}: the config is empty; it needs a model section (the model's defaults are the full "
+                         f"8B ZAYA1, see configs/*.yaml) and may hold {', '.join(s for s in SECTIONS if s != 'model')}")
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(values).__name__}")
     if "model" not in values and any(k in ZayaConfig.__dataclass_fields__ for k in values):
         values = {"model": values}  # a bare model preset
+    if not values.get("model"):
+        raise ValueError(f"{path}: no model section; name the architecture (see configs/*.yaml) rather than fall back "
+                         "to the defaults, which are the full 8B ZAYA1")
+    for name, section in values.items():
+        if section is not None and not isinstance(section, dict):
+            raise ValueError(f"{path}: config section {name!r} must be a mapping, got {type(section).__name__}")
     values = {k: dict(v or {}) for k, v in values.items()}
     for override in overrides:
         section, key, value = _parse_override(override)
@@ -165,7 +188,7 @@ def _parse_override(override: str) -> tuple[str, str, Any]:
         hint = f"; closest valid keys: {', '.join(close)}" if close else f"; valid sections: {', '.join(SECTIONS)}"
         raise ValueError(f"--set: unknown key {dotted!r}{hint}")
     section, key = dotted.split(".", 1)
-    return section, key, load_yaml(raw) if raw != "" else ""
+    return section, key, load_yaml(raw, source=f"--set {override}") if raw != "" else ""
 
 
 def _check_section_keys(name: str, cls: type, section: dict[str, Any]) -> None:

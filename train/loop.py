@@ -1,12 +1,15 @@
 """The training run: builds model, optimizer, data and checkpoints from a TrainConfig and runs the jitted step.
 
 Run directory layout (`train.run_dir`):
-    config.yaml           the resolved configuration
+    config.yaml           the resolved configuration (one that differs from an earlier run's is reported, then
+                          replaced)
     checkpoints/<step>/   orbax checkpoints: the TrainState (as a nested dict of arrays), the data iterator state
     metrics.jsonl         one line per logged step (loss, grad norm, lr, tokens/s, per-layer routing metrics)
     summary.json          first/last loss, held-out accuracy, wall time, data counters
     loss.png, expert_load.png, balancer_biases.png, routing_entropy.png
 
+Start: a banner (config, parameter counts, devices and mesh, tokens per step, memory estimate, run directory, the
+step it starts or resumes from), after a check that the training state fits this machine's memory (train/memory.py).
 Resume: a run directory with a checkpoint continues from its latest complete checkpoint (params, optimizer,
 balancer, step, rng and the data iterator), so N steps + resume + N steps equals 2N steps bitwise.
 SIGTERM / SIGINT finish the current step, save a checkpoint and return normally. A non-finite loss skips its step
@@ -20,6 +23,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -34,16 +38,19 @@ from sharding import batch_shards, batch_sharding, init_sharded_model, make_mesh
 from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
 from train.checkpoint import Checkpointer
-from train.config import TrainConfig
-from train.data import load_tokenizer, make_dataset, open_source, pipeline_counters
+from train.config import DataConfig, TrainConfig
+from train.data import is_empty_record, load_tokenizer, make_dataset, open_source, pipeline_counters
 from train.data.hosts import HostBatches
 from train.data.synthetic import answer_accuracy
+from train.describe import config_changes, config_warnings, run_description, start_line
 from train.evaluate import greedy_completions
+from train.memory import check_fits, estimate_memory
 from train.metrics import MetricsWriter, ProgressBar
 from train.optim import make_optimizer, make_schedule
 from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_loss_curve, plot_routing_entropy
 from train.step import TrainState, init_train_state, make_train_step
 from zaya_jax.attention import check_backend
+from zaya_jax.config import load_yaml
 from zaya_jax.hf_io import load_pretrained
 from zaya_jax.model import parameter_counts
 
@@ -175,15 +182,17 @@ def abstract_like(state: Any) -> Any:
 
 
 def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None,
-                 on_log: Callable[[dict[str, list]], None] | None = None) -> RunSummary:
+                 on_log: Callable[[dict[str, list]], None] | None = None,
+                 config_name: str | None = None) -> RunSummary:
     """Runs (or resumes) the configured training. `stop_after` ends the run early after that many steps of this
     invocation, as a preemption would (a checkpoint is written), which the resume tests use. `on_log(history)` is
     called on the primary process after every logged step with the lists so far ("step", "loss", "expert_load"
-    [L, E] per entry, "balancing_bias", "routing_entropy"): live plots in a notebook."""
+    [L, E] per entry, "balancing_bias", "routing_entropy"): live plots in a notebook. `config_name` (the YAML
+    path) is shown in the start banner. Errors before the first step (a config the checkpoint does not fit, a
+    state larger than this machine's memory, an empty source) leave no empty run directory behind."""
     start_time = time.perf_counter()
     run = cfg.train
     check_backend(cfg.model.attention_impl)  # before the run directory is written
-    os.makedirs(run.run_dir, exist_ok=True)
     primary = jax.process_index() == 0  # one process writes the run's files; every process checkpoints (orbax)
 
     tokenizer = load_tokenizer(None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer)
@@ -191,37 +200,57 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
         )
-    graphdef, state, step_fn, mesh = setup(cfg)
+    mesh = make_mesh(cfg.mesh)
+    memory = estimate_memory(cfg, mesh)
+    check_fits(memory)  # before anything is allocated or written
 
-    source = open_source(cfg.data.source, on_error=cfg.data.on_error, eos_id=tokenizer.eos_id, seed=run.seed)
-    if len(source) == 0:
-        raise ValueError(f"data.source {cfg.data.source!r} is empty")
-    read_shards = cfg.data.read_shards or jax.process_count()
+    created = not os.path.exists(run.run_dir)
+    checkpointer = None
+    try:
+        os.makedirs(run.run_dir, exist_ok=True)
+        checkpointer = Checkpointer(
+            os.path.join(run.run_dir, "checkpoints"), save_every=run.save_every, keep=run.keep_checkpoints,
+            async_save=run.async_checkpoints,
+        )
+        resume_step = checkpointer.latest_step() if run.resume else None
+        if primary:
+            print("\n".join([*run_description(cfg, mesh, memory, config_name), start_line(run, resume_step)]),
+                  flush=True)
+            for warning in config_warnings(cfg):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        graphdef, state, step_fn, mesh = setup(cfg)
 
-    def make_iterator(shard_index: int, shard_count: int, rows: int):
-        return iter(make_dataset(
-            source, tokenizer, cfg.data.seq_len, rows, seed=run.seed, shard_index=shard_index,
-            shard_count=shard_count, completion_only=cfg.data.completion_only, trim=cfg.data.trim,
-            pack_buffer_size=cfg.data.pack_buffer_size,
-        ))
+        source = open_source(cfg.data.source, on_error=cfg.data.on_error, eos_id=tokenizer.eos_id, seed=run.seed)
+        if len(source) == 0:
+            raise ValueError(f"data.source {cfg.data.source!r} is empty")
+        check_documents(cfg.data, source)
+        read_shards = cfg.data.read_shards or jax.process_count()
 
-    data_iter = HostBatches(make_iterator, batch_size=run.batch_size, read_shards=read_shards,
-                            process_index=jax.process_index(), process_count=jax.process_count())
+        def make_iterator(shard_index: int, shard_count: int, rows: int):
+            return iter(make_dataset(
+                source, tokenizer, cfg.data.seq_len, rows, seed=run.seed, shard_index=shard_index,
+                shard_count=shard_count, completion_only=cfg.data.completion_only, trim=cfg.data.trim,
+                pack_buffer_size=cfg.data.pack_buffer_size,
+            ))
 
-    checkpointer = Checkpointer(
-        os.path.join(run.run_dir, "checkpoints"), save_every=run.save_every, keep=run.keep_checkpoints,
-        async_save=run.async_checkpoints,
-    )
-    start_step = 0
-    if run.resume and checkpointer.latest_step() is not None:
-        start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)))
-        state = from_nested_dict(state, nested)
-        data_iter.set_state(data_state)
-    # Written only once the checkpoint is known to fit this configuration: a failed resume into a different
-    # architecture must not leave a config.yaml that no longer describes the run's checkpoints.
-    if primary:
-        with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        data_iter = HostBatches(make_iterator, batch_size=run.batch_size, read_shards=read_shards,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+
+        start_step = 0
+        if resume_step is not None:
+            start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)))
+            state = from_nested_dict(state, nested)
+            data_iter.set_state(data_state)
+        # Written only once the checkpoint is known to fit this configuration: a failed resume into a different
+        # architecture must not leave a config.yaml that no longer describes the run's checkpoints.
+        if primary:
+            write_config(cfg, run.run_dir)
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
+        if created:
+            remove_empty_dirs(run.run_dir)  # an early error leaves no empty run directory behind
+        raise
 
     stop_requested = {"signal": None}
 
@@ -266,7 +295,8 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
                 recent = np.median(step_times[-run.log_every:]) if len(step_times) > 1 else step_times[-1]
                 tokens_per_s = tokens_per_step / recent
                 mfu = model_flops / recent / peak if peak else None
-                record = {k: v for k, v in host.items()}
+                # z_loss is the term z_loss x mean(logsumexp^2): not part of the objective while its weight is 0.
+                record = {k: v for k, v in host.items() if k != "z_loss" or run.z_loss > 0}
                 record.update(tokens_per_s=tokens_per_s, mfu=mfu)
                 if primary:
                     writer.write(step, record)
@@ -309,7 +339,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     summary = RunSummary(
         run_dir=run.run_dir, steps=step, first_loss=first_loss, last_loss=last_loss, heldout_accuracy=accuracy,
         wall_time_s=time.perf_counter() - start_time, interrupted=interrupted,
-        data_counters=data_counters(data_iter), skipped_steps=skipped_total,
+        data_counters=data_counters(data_iter, source), skipped_steps=skipped_total,
     )
     if primary:
         with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
@@ -327,12 +357,60 @@ def all_data_states(data_iter: HostBatches) -> dict[str, Any]:
     return merged
 
 
-def data_counters(data_iter: HostBatches) -> dict[str, int]:
+def data_counters(data_iter: HostBatches, source: Any) -> dict[str, int]:
+    """The pipeline's counters (kept, trimmed, dropped, chunked: documents read so far) summed over the reader
+    shards; `skipped` adds the malformed records that data.on_error=skip left out of the source when it opened."""
     totals: dict[str, int] = {}
     for it in data_iter.iterators.values():
         for key, value in pipeline_counters(it).items():
             totals[key] = totals.get(key, 0) + value
+    totals["skipped"] = totals.get("skipped", 0) + getattr(source, "skipped", 0)
     return totals
+
+
+EMPTY_CHECK_DOCUMENTS = 256  # the first documents of a source that check_documents looks at
+
+
+def check_documents(data: DataConfig, source: Any) -> None:
+    """Warns (data.on_empty "warn") or raises ("raise") when most of the source's first documents are empty:
+    the run would train on bos / eos alone."""
+    sampled = min(len(source), EMPTY_CHECK_DOCUMENTS)
+    empty = sum(is_empty_record(source[i]) for i in range(sampled))
+    if 2 * empty <= sampled:
+        return
+    message = (f"data.source {data.source!r}: {empty} of its first {sampled} documents are empty (no text), so the "
+               "model would learn little beyond bos / eos")
+    if data.on_empty == "raise":
+        raise ValueError(f"{message} (data.on_empty=raise)")
+    print(f"warning: {message}; set data.on_empty=raise to refuse such a source", file=sys.stderr, flush=True)
+
+
+def write_config(cfg: TrainConfig, run_dir: str) -> None:
+    """Writes the resolved config to run_dir/config.yaml; a different one already there is reported with its
+    differences before it is replaced."""
+    path = os.path.join(run_dir, "config.yaml")
+    new = cfg.to_dict()
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = load_yaml(f)
+        except ValueError:
+            old = None
+        changes = config_changes(old, new) if isinstance(old, dict) else ["(the old file is not a readable config)"]
+        if changes:
+            print(f"warning: {path} differs from this run's settings and is replaced; changed: {'; '.join(changes)}",
+                  file=sys.stderr, flush=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(new, f, sort_keys=False)
+
+
+def remove_empty_dirs(path: str) -> None:
+    """Removes `path` and the directories under it, deepest first, as long as they are empty."""
+    for root, _, _ in sorted(os.walk(path), key=lambda entry: -entry[0].count(os.sep)):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass  # not empty: something was written there, keep it
 
 
 def heldout_accuracy(cfg: TrainConfig, graphdef: nnx.GraphDef, state: TrainState, tokenizer) -> float:

@@ -34,6 +34,11 @@ def forward_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_preset(args.config)
+        if not 1 <= args.seq <= config.max_position_embeddings:
+            raise ValueError(f"--seq {args.seq} must be in [1, max_position_embeddings = "
+                             f"{config.max_position_embeddings}], the longest sequence {args.config} accepts")
+        if args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
         require_backend()
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-forward", e)

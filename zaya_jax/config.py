@@ -69,10 +69,7 @@ class ZayaConfig:
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-            if f.type == "float":
-                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+        check_field_types(self, "ZayaConfig")
         positive = (
             "vocab_size", "hidden_size", "num_layers", "query_heads", "kv_heads", "head_dim", "num_experts",
             "expert_hidden_size", "router_hidden_size", "max_position_embeddings",
@@ -85,7 +82,8 @@ class ZayaConfig:
                 raise ValueError(f"ZayaConfig.{name}: conv kernel size must be >= 1, got {getattr(self, name)}")
         if self.query_heads % self.kv_heads:
             raise ValueError(
-                f"ZayaConfig.query_heads ({self.query_heads}) must be divisible by kv_heads ({self.kv_heads})"
+                f"ZayaConfig.query_heads ({self.query_heads}) must be divisible by kv_heads ({self.kv_heads}): "
+                "grouped-query attention and the q-k mean give each KV head query_heads / kv_heads query heads"
             )
         if (self.kv_heads * self.head_dim) % 2:
             raise ValueError(
@@ -99,7 +97,8 @@ class ZayaConfig:
         rotary = self.head_dim * self.rotary_fraction
         if rotary != int(rotary) or int(rotary) % 2:
             raise ValueError(
-                f"ZayaConfig.rotary_fraction: rotary dim head_dim * rotary_fraction = {rotary} must be an even integer"
+                f"ZayaConfig.rotary_fraction: rotary dim head_dim * rotary_fraction = {rotary} must be an even integer "
+                "(NeoX RoPE rotates the two halves of the rotary dims against each other)"
             )
         if self.rope_theta <= 0:
             raise ValueError(f"ZayaConfig.rope_theta must be > 0, got {self.rope_theta}")
@@ -310,9 +309,18 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def load_yaml(text_or_stream: Any) -> Any:
-    """Parses YAML with YAML 1.2 float rules (see `_YamlLoader`)."""
-    return yaml.load(text_or_stream, Loader=_YamlLoader)
+def load_yaml(text_or_stream: Any, source: str | None = None) -> Any:
+    """Parses YAML with YAML 1.2 float rules (see `_YamlLoader`). A syntax error is one ValueError line naming
+    `source` (default: the stream's file name), the line and the column, not a parser traceback."""
+    try:
+        return yaml.load(text_or_stream, Loader=_YamlLoader)
+    except yaml.YAMLError as e:
+        where = source or getattr(text_or_stream, "name", "<yaml>")
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where += f":{mark.line + 1}:{mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}: invalid YAML: {problem}") from None
 
 
 def load_preset(name_or_path: str | os.PathLike) -> ZayaConfig:
@@ -343,8 +351,19 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"ZayaConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_type(name: str, value: Any, annotation: str) -> None:
-    """Rejects values of the wrong type (YAML `1e-5` arriving as a string, a float head count, ...)."""
+def check_field_types(instance: Any, prefix: str) -> None:
+    """Checks every field of a config dataclass against its annotation (see `check_type`), naming it
+    `prefix.field`, and stores float fields given as ints as floats."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        check_type(f"{prefix}.{f.name}", value, f.type)
+        if f.type == "float" or (f.type == "float | None" and value is not None):
+            object.__setattr__(instance, f.name, float(value))
+
+
+def check_type(name: str, value: Any, annotation: str) -> None:
+    """Rejects a value of the wrong type for a field annotated `annotation` (YAML `1e-5` arriving as a string, a
+    float head count, `steps: "ten"`, ...) with one line naming the key, the value and the expected type."""
     if annotation == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif annotation == "float":
@@ -359,7 +378,9 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
         ok = value is None or (isinstance(value, int) and not isinstance(value, bool)) or (
             isinstance(value, tuple) and all(isinstance(v, int) for v in value)
         )
+    elif annotation == "tuple[str, ...]":
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise ValueError(f"ZayaConfig.{name} has the wrong type: {value!r} ({type(value).__name__}), expected {annotation}")
+        raise ValueError(f"{name} has the wrong type: {value!r} ({type(value).__name__}), expected {annotation}")

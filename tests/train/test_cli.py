@@ -67,6 +67,14 @@ def test_generate_errors_are_one_line_and_exit_2(exported, capsys, argv, message
     assert message in err and err.count("\n") == 1 and err.startswith("zaya-generate: error:")
 
 
+def test_a_prompt_past_the_context_prints_the_error_alone(exported, capsys):
+    _, path = exported
+    assert generate_main(["--model", path, "--tokenizer", "byte", "--prompt", "x" * 2100]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no "<think>" before the error
+    assert captured.err.startswith("zaya-generate: error:") and captured.err.count("\n") == 1
+
+
 def test_rsa_errors_are_one_line_and_exit_2(exported, capsys):
     _, path = exported
     assert rsa_main(["--model", path, "--tokenizer", "byte", "--question", "q", "-N", "2", "-C", "3"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -46,14 +47,22 @@ def straight_run(tmp_path_factory):
     return run_dir, summary
 
 
-def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path):
+def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path, capsys):
     straight_dir, straight = straight_run
     resumed_dir = str(tmp_path / "resumed")
     cfg = _config(resumed_dir, "train.steps=6", "train.save_every=3")
-    first = run_training(cfg, stop_after=3)
+    first = run_training(cfg, stop_after=3, config_name="configs/tiny.yaml")
     assert first.interrupted and first.steps == 3
-    second = run_training(cfg)
+    out = capsys.readouterr().out
+    assert "config: configs/tiny.yaml" in out and "new run from step 0 to step 6" in out
+    # The resumed run keeps one more checkpoint: a harmless change that config.yaml's rewrite must report.
+    second = run_training(_config(resumed_dir, "train.steps=6", "train.save_every=3", "train.keep_checkpoints=3"))
     assert second.steps == 6 and not second.interrupted
+    captured = capsys.readouterr()
+    assert "resuming from step 3 (checkpoints/3), training to step 6" in captured.out
+    assert (f"warning: {resumed_dir}/config.yaml differs from this run's settings and is replaced; changed: "
+            "train.keep_checkpoints: 2 -> 3") in captured.err
+    assert load_train_config(os.path.join(resumed_dir, "config.yaml")).train.keep_checkpoints == 3
 
     losses = {r["step"]: r["loss"] for r in read_metrics(straight_dir)}
     resumed = {r["step"]: r["loss"] for r in read_metrics(resumed_dir)}
@@ -75,6 +84,11 @@ def load_pretrained_run(run_dir):
 def test_export_loads_in_transformers_with_the_same_logits(straight_run):
     run_dir, _ = straight_run
     ours = load_pretrained_run(run_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    out = os.path.join(run_dir, "export")
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # what mkdir gives, not a private 0o700
+    assert {os.stat(os.path.join(out, f)).st_mode & 0o777 for f in os.listdir(out)} == {0o666 & ~umask}
     hf = transformers.ZayaForCausalLM.from_pretrained(os.path.join(run_dir, "export"), attn_implementation="eager")
     ids = np.random.default_rng(0).integers(0, ours.config.vocab_size, (2, 20))
     with torch.no_grad():
@@ -82,6 +96,42 @@ def test_export_loads_in_transformers_with_the_same_logits(straight_run):
     got = np.asarray(ours(jnp.asarray(ids)))
     # Equal weights; transformers orders the float32 sums its own way (tests/tolerances.py).
     assert_float32_close(got, ref, terms=model_terms(ours.config, 20), depth=model_depth(ours.config.num_layers))
+
+
+def test_z_loss_is_not_logged_while_its_weight_is_0(straight_run):
+    run_dir, _ = straight_run
+    records = read_metrics(run_dir)
+    assert records and all("z_loss" not in r and "loss" in r for r in records)
+
+
+def test_skipped_records_are_counted_and_mostly_empty_sources_are_named(tmp_path, capsys):
+    from train.data import load_tokenizer, make_dataset, open_source
+    from train.data.hosts import HostBatches
+    from train.loop import check_documents, data_counters
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a document"}\n{"text": \n{"text": "another one"}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl:2: malformed JSONL record: .*data.on_error=skip"):
+        open_source(str(path))
+    source = open_source(str(path), on_error="skip")
+    tokenizer = load_tokenizer(None)
+    batches = HostBatches(lambda i, n, rows: iter(make_dataset(source, tokenizer, 32, rows, shard_index=i,
+                                                               shard_count=n)),
+                          batch_size=2, read_shards=1, process_index=0, process_count=1)
+    next(batches)
+    counters = data_counters(batches, source)
+    assert counters["skipped"] == 1 and counters["kept"] >= 2
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n' * 3 + '{"text": "words"}\n')
+    cfg = _config(str(tmp_path / "unused"), f"data.source={empty}").data
+    check_documents(cfg, open_source(str(empty)))
+    assert ("warning: data.source '" + str(empty) + "': 3 of its first 4 documents are empty (no text)"
+            in capsys.readouterr().err)
+    with pytest.raises(ValueError, match=r"3 of its first 4 documents are empty .*\(data.on_empty=raise\)"):
+        check_documents(dataclasses.replace(cfg, on_empty="raise"), open_source(str(empty)))
+    check_documents(cfg, source)  # none empty: silent
+    assert capsys.readouterr().err == ""
 
 
 def test_fine_tuning_starts_from_the_pretrained_weights(straight_run):

@@ -31,6 +31,13 @@ def test_forward_prints_logits_shape_and_the_checkpoint_parameter_count(tmp_path
     assert f"parameters: total {in_checkpoint:,}" in out
 
 
+def test_forward_past_the_context_is_an_error(capsys):
+    assert forward_main(["--config", "tiny", "--seq", "3000"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("zaya-forward: error: --seq 3000 must be in [1, max_position_embeddings = 2048], the longest "
+                   "sequence tiny accepts\n")
+
+
 @pytest.mark.parametrize("command", [["zaya_jax.cli"], ["train.cli", "--config", "configs/tiny.yaml"]])
 def test_asking_for_a_gpu_on_a_machine_without_one_is_one_line_and_exit_2(command):
     env = {**os.environ, "JAX_PLATFORMS": "cuda"}

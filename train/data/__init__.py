@@ -10,6 +10,7 @@ from train.data.formatting import (
     Turn,
     TurnSpans,
     format_record,
+    is_empty_record,
     record_kind,
     tokenize_record,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "first_fit_decreasing",
     "format_record",
     "generate_problems",
+    "is_empty_record",
     "load_tokenizer",
     "make_dataset",
     "next_token_targets",

@@ -178,6 +178,18 @@ def record_kind(record: Any) -> str:
     raise ValueError(f"record has none of the keys text/prompt+answer/turns/tokens: keys={sorted(record)}")
 
 
+def is_empty_record(record: Mapping[str, Any]) -> bool:
+    """Whether a record has no content: its text (or every prompt, thinking and answer) is blank, or it holds at
+    most one token (an eos alone). Such a document trains on bos / eos only."""
+    kind = record_kind(record)
+    if kind == "text":
+        return not record["text"].strip()
+    if kind == "tokens":
+        return np.asarray(record["tokens"]).size <= 1
+    turns = record["turns"] if kind == "turns" else [record]
+    return all(not (t.get(key) or "").strip() for t in turns for key in ("prompt", "thinking", "answer"))
+
+
 def _check_turn(t: Any, where: str) -> None:
     if not isinstance(t, Mapping):
         raise ValueError(f"{where} must be an object")

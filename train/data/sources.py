@@ -40,6 +40,7 @@ from train.data.formatting import record_kind
 from train.data.synthetic import aggregation_problem_at, problem_at
 
 _MAX_LOCATIONS = 100
+_SKIP_HINT = "on_error='skip' (data.on_error=skip in a training config) leaves malformed records out and counts them"
 PathLike = str | os.PathLike
 
 
@@ -86,7 +87,7 @@ class JsonlSource:
                         _parse_record(line)
                     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
                         if on_error == "raise":
-                            raise ValueError(f"{path}:{lineno}: malformed JSONL record: {e}") from e
+                            raise ValueError(f"{path}:{lineno}: malformed JSONL record: {e} ({_SKIP_HINT})") from e
                         self.skipped += 1
                         if len(self.skipped_locations) < _MAX_LOCATIONS:
                             self.skipped_locations.append((path, lineno))
@@ -180,7 +181,7 @@ class ArrayRecordSource:
             return _parse_record(raw)
         except (ValueError, UnicodeDecodeError) as e:
             path, local = self._location(g)
-            raise ValueError(f"{path}: record {local}: malformed ArrayRecord record: {e}") from e
+            raise ValueError(f"{path}: record {local}: malformed ArrayRecord record: {e} ({_SKIP_HINT})") from e
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({self.paths}, records={len(self)}, skipped={self.skipped})"
