@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -302,56 +303,59 @@ def test_load_onto_a_mesh_reads_each_shard_once_and_matches_the_single_device_lo
 # ---- memory: a checkpoint of a wide 2-layer config, loaded and exported in a fresh process ----
 
 WIDE = ZayaConfig(vocab_size=32768, hidden_size=1024, num_layers=2, query_heads=8, kv_heads=2, head_dim=128,
-                  num_experts=8, expert_hidden_size=3072, router_hidden_size=256, bos_token_id=1, eos_token_id=2,
+                  num_experts=8, expert_hidden_size=2304, router_hidden_size=256, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0, param_dtype="bfloat16", dtype="bfloat16")
 
+# Peak RSS is the process's VmHWM: getrusage's ru_maxrss would also count the pytest parent's resident set, which
+# Linux carries into the child's maximum across fork and exec.
 _MEASURE = """
-import json, os, resource, sys
+import json, sys
 import jax
 from zaya_jax import load_pretrained, save_pretrained
 
-def rss():  # current resident set, bytes
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-def peak():  # high-water mark of the resident set, bytes
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):  # bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 jax.devices()
-baseline = rss()  # the interpreter, jax, its CPU backend and zaya_jax
+baseline = status("VmRSS")  # the interpreter, jax with its CPU backend, and zaya_jax
 model = load_pretrained(sys.argv[1])
-load_peak = peak()
+load_peak = status("VmHWM")
 save_pretrained(model, sys.argv[2], max_shard_size="150MB")
-print(json.dumps({"baseline": baseline, "load_peak": load_peak, "export_peak": peak()}))
+print(json.dumps({"baseline": baseline, "load_peak": load_peak, "export_peak": status("VmHWM")}))
 """
 
 
-def _random_bits(rng: np.random.Generator, shape: tuple[int, ...], file_dtype: str) -> np.ndarray:
-    """Random finite values, as bit patterns (cheap to draw): exponent 2^-7..2^-4, random sign and mantissa."""
-    if file_dtype == "F32":
-        return rng.normal(0, 0.05, shape).astype(np.float32)
-    bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16)
-    return ((bits & 0x807F) | (0x3C00 + ((bits >> 7 & 3) << 7))).astype(np.uint16).view(ml_dtypes.bfloat16)
+def _random_tensors(specs):
+    """(name, values) per spec: finite bf16 bit patterns (magnitude 2^-7..2^-4, random sign) tiled from one random
+    pool of a prime length at a different offset per tensor, so rows never repeat and drawing stays cheap."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 16, 8_000_009, dtype=np.uint16)
+    pool = ((bits & 0x807F) | (0x3C00 + ((bits >> 7 & 3) << 7))).astype(np.uint16)
+    for k, (name, file_dtype, shape) in enumerate(specs):
+        if file_dtype == "F32":
+            yield name, rng.normal(0, 0.05, shape).astype(np.float32)
+        else:
+            yield name, np.resize(np.roll(pool, 7919 * k), shape).view(ml_dtypes.bfloat16)
 
 
 def test_wide_checkpoint_loads_within_1_15x_its_weights_and_exports_bitwise(tmp_path):
     specs = [(name, "F32" if name.endswith("balancing_biases") else "BF16", shape)
              for name, shape in hf_io.checkpoint_shapes(WIDE).items()]
-    rng = np.random.default_rng(0)
-    hf_io.write_checkpoint(tmp_path / "wide", WIDE.to_hf(), specs,
-                           ((name, _random_bits(rng, shape, dt)) for name, dt, shape in specs), "200MB")
+    hf_io.write_checkpoint(tmp_path / "wide", WIDE.to_hf(), specs, _random_tensors(specs), "200MB")
     weights = sum(os.path.getsize(f) for f in (tmp_path / "wide").glob("*.safetensors"))
     assert 300e6 < weights < 1e9
+    largest = max(math.prod(shape) * 2 for _, _, shape in specs)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)  # one device, as a user's run
     done = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "wide"), str(tmp_path / "export")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout)
-    # Bound: the device-resident weights (on CPU, host memory) plus 15% for one tensor in flight and the files'
-    # mapped pages, above the baseline measured in the same process before loading.
+    # Load: the device-resident weights (on CPU, host memory) plus 15% for the rows in flight and the files' mapped
+    # pages, above the baseline measured in the same process before loading. Export: plus one tensor's host copy.
     assert got["load_peak"] <= got["baseline"] + 1.15 * weights, (got, weights)
-    assert got["export_peak"] <= got["baseline"] + 1.15 * weights, (got, weights)
+    assert got["export_peak"] <= got["baseline"] + 1.15 * weights + largest, (got, weights, largest)
     original = {}
     for file in (tmp_path / "wide").glob("*.safetensors"):
         with safe_open(file, "numpy") as f:
