@@ -11,8 +11,8 @@ random finite bf16 values (balancing biases float32), written to safetensors sha
 
 Each framework runs two child processes: (1) load, time to the first logits of an 8-token prompt (compilation
 included: it is what a user waits for), greedy decoding of --new-tokens tokens at batch 1 after a warm-up call of
-the same (tokens/s, prefill included); (2) load, then export to a new directory. Peak RSS is the child's
-`ru_maxrss` after load and at the end of the export child (load included).
+the same (tokens/s, prefill included); (2) load, then export to a new directory. Peak RSS is the child's own peak
+(VmHWM) after load and at the end of the export child (load included).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -74,7 +73,10 @@ def write_checkpoint(directory: pathlib.Path, config: dict, max_shard_size: str)
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set (VmHWM), bytes. Not getrusage's ru_maxrss: Linux carries the parent's
+    resident set at fork into the child's maximum across exec, which would count the parent's torch import."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 # ---- children: one framework, one phase, a JSON line on stdout ---------------------------------------------------
