@@ -8,12 +8,14 @@ layer's `_Layout`: ours = hf.reshape(split).transpose(perm), so a block of ours 
 
 Loading checks every file's header (names, shapes, dtypes) against config.json before a value is read, then builds
 each parameter device shard by device shard: a shard [l0:l1, ...] of a stacked parameter reads only its rows of
-layers l0..l1 from the safetensors files and goes to its device before the next shard is read. Host memory is the
-device-resident weights plus one shard in flight (on CPU; about one shard on an accelerator host), and in a
-multi-process run each process reads only what its devices hold. Every block read is checked for non-finite values.
+layers l0..l1 from the safetensors files, at most _CHUNK_BYTES of rows per read, and goes to its device before the
+next shard is read. On CPU the shard's buffer becomes the device buffer (no copy), so host memory is the weights
+plus the rows in flight and the mapped pages (remapped every _REMAP_BYTES); an accelerator host holds one shard in
+flight. In a multi-process run each process reads only what its devices hold. Every block read is checked for
+non-finite values.
 
-Saving writes one tensor at a time: its host copy is gathered from the shards that hold it, written at its offset
-in a size-bounded shard file, and dropped. Files go to a temporary sibling directory that is moved into place when
+Saving writes one tensor at a time: its host copy is gathered from the shards that hold it (on CPU, views of the
+device buffers), written at its offset in a size-bounded shard file, and dropped. Files go to a temporary sibling directory that is moved into place when
 complete, so a failed save leaves nothing half-written.
 """
 
