@@ -51,7 +51,7 @@ from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_los
 from train.step import TrainState, init_train_state, make_train_step
 from zaya_jax.attention import check_backend
 from zaya_jax.config import load_yaml
-from zaya_jax.hf_io import load_pretrained
+from zaya_jax.hf_io import load_pretrained, read_config
 from zaya_jax.model import parameter_counts
 
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "moe_impl", "expert_parallel_transport",
@@ -135,14 +135,13 @@ def build_model(cfg: TrainConfig, mesh: Mesh) -> nnx.Module:
         return init_sharded_model(cfg.model, mesh, seed=cfg.train.seed)
     # The checkpoint fixes the architecture; how it runs (dtypes, kernels, dispatch, remat) comes from the run.
     runtime = {k: getattr(cfg.model, k) for k in RUNTIME_FIELDS}
-    model = load_pretrained(cfg.train.init_from, **runtime)
-    if model.config != cfg.model:
+    if read_config(cfg.train.init_from, **runtime) != cfg.model:
         raise ValueError(
             f"train.init_from {cfg.train.init_from}: its config differs from the run's model section; "
             "set the model section to the checkpoint's architecture"
         )
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+    # Read straight into the mesh's shardings: each process reads only the blocks its devices hold.
+    return load_pretrained(cfg.train.init_from, shardings=lambda state: state_shardings(state, mesh), **runtime)
 
 
 def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Mesh]:

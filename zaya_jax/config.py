@@ -242,9 +242,17 @@ class ZayaConfig:
             eos_token_id=hf.get("eos_token_id", cls.eos_token_id),
             pad_token_id=hf.get("pad_token_id", cls.pad_token_id),
         )
-        if hf.get("dtype") in _DTYPES and "param_dtype" not in overrides:
-            values["param_dtype"] = hf["dtype"]
-            values["dtype"] = hf["dtype"]
+        # transformers >= 4.56 writes `dtype`, older versions `torch_dtype`: either names the stored dtype.
+        stored = {hf[key] for key in ("dtype", "torch_dtype") if hf.get(key) is not None}
+        if len(stored) > 1:
+            raise ValueError(f"config.json: dtype {hf['dtype']!r} and torch_dtype {hf['torch_dtype']!r} disagree")
+        if stored and "param_dtype" not in overrides:
+            (name,) = stored
+            if name not in _DTYPES:
+                raise ValueError(f"config.json: dtype {name!r} is not supported ({', '.join(_DTYPES)}); load it "
+                                 f"with an explicit dtype, e.g. load_pretrained(path, dtype='float32')")
+            values["param_dtype"] = name
+            values["dtype"] = name
         values.update(overrides)
         return cls.from_dict(values)
 
