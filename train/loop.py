@@ -28,7 +28,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
