@@ -33,7 +33,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
-from sharding import batch_shards, batch_sharding, init_sharded_model, make_mesh, train_state_shardings
+from sharding import batch_sharding, init_sharded_model, make_mesh
 from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
 from train.checkpoint import Checkpointer
@@ -45,9 +45,9 @@ from train.describe import config_changes, config_warnings, run_description, sta
 from train.evaluate import greedy_completions
 from train.memory import check_fits, estimate_memory
 from train.metrics import MetricsWriter, ProgressBar
-from train.optim import make_optimizer, make_schedule
 from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_loss_curve, plot_routing_entropy
-from train.step import TrainState, init_train_state, make_train_step
+from train.state import abstract_train_state, initial_train_state, jit_train_step
+from train.step import BATCH_DTYPES, TrainState
 from zaya_jax.attention import check_backend
 from zaya_jax.config import load_yaml
 from zaya_jax.hf_io import load_pretrained, read_config
@@ -55,7 +55,6 @@ from zaya_jax.model import parameter_counts
 
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "moe_impl", "expert_parallel_transport",
                   "expert_capacity_factor", "remat_policy")
-BATCH_KEYS = ("tokens", "segment_ids", "positions", "targets", "target_mask")
 # Dense bf16 peak FLOP/s per device, for the MFU estimate when train.peak_flops is 0.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5": 459e12, "TPU v6 lite": 918e12}
@@ -144,35 +143,19 @@ def build_model(cfg: TrainConfig, mesh: Mesh) -> nnx.Module:
 
 
 def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Mesh]:
-    """-> (graphdef, initial TrainState placed on the mesh, the jitted step, the mesh)."""
+    """-> (graphdef, initial TrainState placed on the mesh, the jitted step, the mesh), built from the abstract
+    state (train/state.py) that ahead-of-time compiles use, so a run executes the program they compile."""
     mesh = make_mesh(cfg.mesh)
-    shards = batch_shards(mesh) * cfg.train.accumulation_steps
-    if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
-        raise ValueError(
-            f"train.batch_size ({cfg.train.batch_size}) must be divisible by the batch shards of the mesh "
-            f"({batch_shards(mesh)}) x train.accumulation_steps ({cfg.train.accumulation_steps}) and by the "
-            f"process count ({jax.process_count()})"
-        )
-    model = build_model(cfg, mesh)
-    params = nnx.state(model, nnx.Param)
-    optimizer = make_optimizer(cfg.optimizer, params)
-    graphdef, state = init_train_state(model, optimizer, cfg.train.seed)
-    shardings = train_state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-    step_fn = make_train_step(
-        graphdef, optimizer, cfg.balancer, cfg.model.router_classes,
-        accumulation_steps=cfg.train.accumulation_steps, z_loss=cfg.train.z_loss,
-        learning_rate=make_schedule(cfg.optimizer), loss_chunk=cfg.train.loss_chunk,
-    )
-    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
-                   donate_argnums=0)
-    return graphdef, state, step, mesh
+    abstract = abstract_train_state(cfg, mesh)
+    step = jit_train_step(cfg, abstract, mesh)  # checks the batch size against the mesh before anything is built
+    state = initial_train_state(cfg, abstract, build_model(cfg, mesh))
+    return abstract.graphdef, state, step, mesh
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows of the batch -> global arrays sharded over the batch axes of the mesh."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in BATCH_KEYS}
+    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in BATCH_DTYPES}
 
 
 def abstract_like(state: Any) -> Any:

@@ -51,7 +51,7 @@ from sharding.rules import path_name
 
 PyTree = Any
 
-_NAMES = ("adamw", "muon")
+OPTIMIZER_NAMES = ("adamw", "muon")
 _SCHEDULES = ("cosine", "wsd", "constant")
 PARAM_GROUPS = ("muon", "decay", "no_decay")
 
@@ -79,8 +79,8 @@ class OptimizerConfig:
     stacked_prefixes: tuple[str, ...] = ("layers",)  # top-level keys whose leaves have a leading layer axis
 
     def __post_init__(self) -> None:
-        if self.name not in _NAMES:
-            raise ValueError(f"OptimizerConfig.name must be one of {_NAMES}, got {self.name!r}")
+        if self.name not in OPTIMIZER_NAMES:
+            raise ValueError(f"OptimizerConfig.name must be one of {OPTIMIZER_NAMES}, got {self.name!r}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"OptimizerConfig.schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         for name in ("lr", "b1", "b2", "eps", "weight_decay", "min_lr_ratio", "decay_fraction", "muon_momentum"):

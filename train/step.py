@@ -1,9 +1,9 @@
 """The pure training step: (state, batch) -> (new state, metrics), jitted once.
 
     TrainState = (params, biases, opt_state, balancer, step, rng)
-        params    nnx.State of nnx.Param (float32 master weights; the model computes in its config's dtype)
+        params    nnx.State of nnx.Param in the model's param_dtype (the model computes in its config's dtype)
         biases    nnx.State of BalancingBias: [L, E + 1] float32, the router's selection biases
-        opt_state optax state over params only (biases are invisible to the optimizer)
+        opt_state optax state over params only (biases are invisible to the optimizer); moments in the params' dtype
         balancer  BalancerState: the AdamW moments of the PID bias balancer
         step      int32 []
         rng       uint32 [2] PRNG key (the model is deterministic; kept so stochastic additions stay reproducible)
@@ -12,9 +12,13 @@
 
 One step: the batch is split into `accumulation_steps` micro-batches scanned in sequence; each contributes the
 gradient of its *summed* token loss and its expert-choice counts, so the accumulated gradient, divided by the
-global count of target tokens, equals the gradient of one big batch. Then global-norm clipping and the optimizer
-update the params, and the balancer updates the biases from the counts of the whole (global) batch. A non-finite
-loss or gradient norm skips the update (params, optimizer and balancer unchanged) and reports `skipped = 1`.
+global count of target tokens, equals the gradient of one big batch; it reaches the optimizer in each parameter's
+dtype. Then global-norm clipping and the optimizer update the params, and the balancer updates the biases from the
+counts of the whole (global) batch. A non-finite loss or gradient norm skips the update (params, optimizer and
+balancer unchanged) and reports `skipped = 1`.
+
+The state the step returns has the structure, shapes and dtypes of the state it takes (checked while tracing), so
+the jitted step compiles once and a donated state is reused buffer for buffer.
 
 Loss: next-token cross-entropy in float32 over target_mask, plus optional z-loss z * mean(logsumexp(logits)^2).
 """
@@ -32,6 +36,9 @@ from train.balancer import BalancerConfig, BalancerState, balancer_update, exper
 from zaya_jax.router import BalancingBias
 
 Batch = dict[str, jax.Array]
+# The batch's arrays, each [B, S] (what train/data/pipeline.py yields for the step).
+BATCH_DTYPES = {"tokens": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32, "targets": jnp.int32,
+                "target_mask": jnp.float32}
 
 
 class TrainState(NamedTuple):
@@ -119,9 +126,13 @@ def make_train_step(
                 jnp.zeros((num_layers,), jnp.int32))
         (grads, nll_sum, z_sum, count, counts, dropped), _ = jax.lax.scan(accumulate, init, micro_batches)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        mean_grads = jax.tree.map(lambda g: g / denom, grads)  # float32: denom is a float32 token count
         loss = nll_sum / denom
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = optax.tree.norm(mean_grads)
+        # optax gives new moments the dtype of the updates (AdamW's and Muon's `mu` have no fixed dtype), so a
+        # float32 gradient would turn bfloat16 moments into float32 ones after one step: the gradient must come in
+        # its parameter's dtype.
+        grads = jax.tree.map(lambda m, g: m.astype(g.dtype), mean_grads, grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(z_sum)
 
         with jax.named_scope("optimizer"):
@@ -142,6 +153,12 @@ def make_train_step(
             step=state.step + 1,
             rng=jax.random.fold_in(state.rng, state.step),
         )
+        # A state that changed dtype or shape would make the next call retrace and recompile, and its donated
+        # buffers could not be reused: refuse it while tracing.
+        changed = layout_differences(state, new_state)
+        if changed:
+            raise TypeError(f"train step: the state changes layout in one step ({len(changed)} leaves): "
+                            + "; ".join(changed))
         totals = counts.sum(axis=-1, keepdims=True)
         metrics = {
             "loss": loss,
@@ -161,13 +178,30 @@ def make_train_step(
     return step_fn
 
 
-def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int) -> tuple[
-    nnx.GraphDef, TrainState
-]:
-    """Splits a model into (graphdef, TrainState) with fresh optimizer and balancer state."""
-    graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+def layout_differences(expected: Any, actual: Any, *, shardings: bool = False) -> list[str]:
+    """One line per leaf of `actual` whose shape or dtype (and, with `shardings`, sharding) differs from the same
+    leaf of `expected` (arrays, tracers or ShapeDtypeStructs), or one line when the tree structures differ.
+    Empty when the two are laid out alike."""
+    expected_leaves, expected_def = jax.tree_util.tree_flatten_with_path(expected)
+    actual_leaves, actual_def = jax.tree_util.tree_flatten_with_path(actual)
+    if expected_def != actual_def:
+        return [f"tree structure {actual_def} != {expected_def}"]
+    out = []
+    for (path, e), (_, a) in zip(expected_leaves, actual_leaves):
+        same = (e.shape, e.dtype) == (a.shape, a.dtype)
+        if shardings:
+            same = same and e.sharding.is_equivalent_to(a.sharding, len(e.shape))
+        if not same:
+            where = f" {a.sharding} != {e.sharding}" if shardings else ""
+            out.append(f"{jax.tree_util.keystr(path)}: {a.dtype}{list(a.shape)} != {e.dtype}{list(e.shape)}{where}")
+    return out
+
+
+def new_train_state(params: Any, biases: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """The state before the first step: `params` and `biases` (nnx.States) with fresh optimizer and balancer state,
+    step 0 and the PRNG key of `seed`. Pure, so it can run under jit (born sharded) or jax.eval_shape."""
     bias = jax.tree.leaves(biases)[0]
-    return graphdef, TrainState(
+    return TrainState(
         params=params,
         biases=biases,
         opt_state=optimizer.init(params),
@@ -175,3 +209,11 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
         step=jnp.zeros((), jnp.int32),
         rng=jax.random.PRNGKey(seed),
     )
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, seed: int) -> tuple[
+    nnx.GraphDef, TrainState
+]:
+    """Splits a model into (graphdef, TrainState) with fresh optimizer and balancer state."""
+    graphdef, params, biases = nnx.split(model, nnx.Param, BalancingBias)
+    return graphdef, new_train_state(params, biases, optimizer, seed)
