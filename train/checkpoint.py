@@ -375,9 +375,10 @@ class Checkpointer:
             elif jnp.issubdtype(leaf.dtype, jnp.inexact):
                 floats.append((path, leaf))
         if floats:
-            # Replicated result: on several processes only the local copy can be read.
-            finite = np.asarray(_all_finite([leaf for _, leaf in floats]).addressable_data(0))
-            problems += [f"{path}: non-finite values" for (path, _), ok in zip(floats, finite) if not ok]
+            # One check per leaf: leaves may live on different devices. The replicated result is read from the local
+            # copy (on several processes the whole array is not addressable).
+            problems += [f"{path}: non-finite values" for path, leaf in floats
+                         if not np.asarray(_all_finite(leaf).addressable_data(0))]
         if problems:
             more = len(problems) - _MAX_LISTED_MISMATCHES
             listed = problems[:_MAX_LISTED_MISMATCHES] + ([f"... and {more} more"] if more > 0 else [])
@@ -410,9 +411,8 @@ def _as_abstract(leaf: Any) -> Any:
 
 
 @jax.jit
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-    # One program for all leaves (one compile per state layout), one small transfer back.
-    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
 
 
 def _root_cause(error: BaseException) -> str:
