@@ -36,6 +36,16 @@ Guarantees:
     does for orbax (only the atomic rename creates that name, and orbax before 0.12 wrote no marker there).
   * Restoring into a state whose tree structure, shapes or dtypes differ from the checkpoint raises one ValueError
     naming every differing tensor, before any array is read. Dtypes must match too: no silent casts on resume.
+  * Damage is named, in one line. A committed step whose files cannot be read back (a data file under
+    `<step>/state/ocdbt.process_0/d/` truncated or deleted, a metadata file missing) raises
+    `DamagedCheckpointError` (a ValueError) with the step and the storage layer's own cause ("Truncated
+    Zstd-compressed stream", "Requested byte range ..."), not orbax's traceback. What was read is verified before it
+    is returned: every array has the shape and dtype asked for and floating-point arrays are finite.
+    With `on_damaged`, `restore` reports each damaged step and falls back to the newest one that restores cleanly;
+    `set_aside(step)` renames a damaged step to `<step>.damaged` (kept for inspection, invisible to orbax) so a
+    resumed run can write that step again.
+  * `restore(..., only=...)` reads only the named top-level entries of the state (e.g. the parameters for export):
+    the other arrays are not read, so damage confined to them (the optimizer state) does not stop an export.
 
 Multi-host: every process must construct the `Checkpointer` and call `save` / `restore` / `wait` / `close`
 collectively; orbax coordinates the processes (directory creation and commit on the primary host, barriers) when
@@ -48,9 +58,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -62,6 +74,24 @@ _DATA_STATE = "data_state"
 _EXTRA = "extra"
 # Long mismatch lists (e.g. a whole model built with another config) are cut here to keep the message readable.
 _MAX_LISTED_MISMATCHES = 40
+# A damaged step is renamed to "<step>.damaged": not a step name for orbax (digits only), so it is neither listed,
+# restored nor garbage-collected.
+DAMAGED_SUFFIX = ".damaged"
+# tensorstore's status codes (absl): the message that carries one is the storage layer's own cause.
+_STATUS_RE = re.compile(r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN|"
+                        r"INTERNAL|UNAVAILABLE|PERMISSION_DENIED|RESOURCE_EXHAUSTED): ")
+# tensorstore appends the spec and C++ source locations; they bury the cause.
+_NOISE_RE = re.compile(r"\s*\[(source locations|tensorstore_spec)=.*?\](?=\s*(\[|$))", re.DOTALL)
+
+
+class DamagedCheckpointError(ValueError):
+    """A committed checkpoint step that cannot be read back, or whose contents fail verification.
+
+    `step` is the step, `cause` the one-line reason (the storage layer's message, or the failed check)."""
+
+    def __init__(self, directory: str, step: int, cause: str):
+        self.directory, self.step, self.cause = directory, step, cause
+        super().__init__(f"checkpoint step {step} in {directory!r} is damaged: {cause}")
 
 
 class Checkpointer:
@@ -197,13 +227,28 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[int, PyTree, dict, dict]:
+    def restore(
+        self,
+        abstract_state: PyTree,
+        step: int | None = None,
+        *,
+        only: Iterable[str] | None = None,
+        on_damaged: Callable[[DamagedCheckpointError], None] | None = None,
+    ) -> tuple[int, PyTree, dict | None, dict | None]:
         """Restores checkpoint `step` (default: the latest complete one) into the structure of `abstract_state`.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct`s (with `.sharding` to place the arrays; e.g. from
         `jax.eval_shape`) or of arrays (whose shape, dtype and sharding are used). Returns
-        `(step, state, data_state, extra)`. Raises FileNotFoundError when there is no such complete checkpoint and
-        ValueError when its tensors do not match `abstract_state` (listing all differences).
+        `(step, state, data_state, extra)`.
+
+        `only`: names of top-level entries of the saved state (a dict) to read, e.g. ("params", "biases");
+        `abstract_state` then holds just those, nothing else is read, and data_state and extra are None.
+        `on_damaged`: without `step`, a damaged step is passed to it and the next older step is tried; the
+        returned step is the newest that restores cleanly. Without it, the damage is raised.
+
+        Raises FileNotFoundError when there is no such complete checkpoint, ValueError when its tensors do not
+        match `abstract_state` (listing all differences) and DamagedCheckpointError when the step (every step,
+        with `on_damaged`) cannot be read back or fails verification.
         """
         self._check_open()
         # Our own in-flight save must land before it can be listed or read.
@@ -212,24 +257,47 @@ class Checkpointer:
         if step is None:
             if not steps:
                 raise FileNotFoundError(f"no complete checkpoint in {str(self.directory)!r}")
-            step = steps[-1]
+            candidates = steps[::-1] if on_damaged is not None else steps[-1:]
         elif step not in steps:
             raise FileNotFoundError(
                 f"no complete checkpoint for step {step} in {str(self.directory)!r}; complete steps: {steps}"
             )
+        else:
+            candidates = [step]
         abstract_state = jax.tree.map(_as_abstract, abstract_state)
-        self._check_matches(step, abstract_state)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardRestore(abstract_state),
-                    _DATA_STATE: ocp.args.JsonRestore(),
-                    _EXTRA: ocp.args.JsonRestore(),
-                }
-            ),
+        only = None if only is None else tuple(only)
+        damaged = []
+        for candidate in candidates:
+            try:
+                return (candidate, *self._restore_step(candidate, abstract_state, only))
+            except DamagedCheckpointError as e:
+                if on_damaged is None:
+                    raise
+                damaged.append(e)
+                on_damaged(e)
+        raise DamagedCheckpointError(
+            str(self.directory), damaged[-1].step,
+            f"{damaged[-1].cause}; no older step restores cleanly either (tried {[e.step for e in damaged]})",
         )
-        return step, restored[_STATE], restored[_DATA_STATE], restored[_EXTRA]
+
+    def set_aside(self, step: int) -> str:
+        """Renames damaged step `step` to `<step>.damaged` (`.damaged.2`, ... if taken): kept on disk for
+        inspection, but no longer a step, so a resumed run can save that step again. Returns the new path."""
+        self._check_open()
+        source = self._name_format.find_step(self.directory, step).path
+        target = self.directory / f"{source.name}{DAMAGED_SUFFIX}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{source.name}{DAMAGED_SUFFIX}.{n}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"zaya_set_aside_{step}")
+        self._manager.reload()
+        return str(target)
 
     # ---------------------------------------------------------------- internal
 
@@ -244,10 +312,81 @@ class Checkpointer:
             return False
         return True
 
-    def _check_matches(self, step: int, abstract_state: PyTree) -> None:
+    def _restore_step(
+        self, step: int, abstract_state: PyTree, only: tuple[str, ...] | None
+    ) -> tuple[PyTree, dict | None, dict | None]:
+        """(state, data_state, extra) of one step, checked before and verified after reading."""
+        tree_metadata = self._tree_metadata(step)
+        if only is None:
+            self._check_matches(step, tree_metadata, abstract_state)
+            items = {_STATE: ocp.args.StandardRestore(abstract_state), _DATA_STATE: ocp.args.JsonRestore(),
+                     _EXTRA: ocp.args.JsonRestore()}
+        else:
+            unknown = sorted(set(only) - set(tree_metadata))
+            if unknown or set(abstract_state) != set(only):
+                raise ValueError(f"restore(only={list(only)}): the abstract state has {sorted(abstract_state)}; "
+                                 f"not in checkpoint step {step}: {unknown}")
+            self._check_matches(step, {k: tree_metadata[k] for k in only}, abstract_state)
+        try:
+            if only is None:
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+                state, data_state, extra = restored[_STATE], restored[_DATA_STATE], restored[_EXTRA]
+            else:
+                state, data_state, extra = self._read_part(step, abstract_state), None, None
+        except Exception as e:  # noqa: BLE001 - the tree was checked above: whatever fails now is the files
+            raise DamagedCheckpointError(str(self.directory), step, _root_cause(e)) from e
+        self._verify(step, state, abstract_state)
+        return state, data_state, extra
+
+    def _read_part(self, step: int, abstract_part: PyTree) -> PyTree:
+        """Reads only the leaves of `abstract_part` from the step's state: orbax's standard handler has no partial
+        restore, its PyTree handler does (leaves not in the item are neither read nor returned)."""
+        path = self._name_format.find_step(self.directory, step).path / _STATE
+        reader = ocp.PyTreeCheckpointer()
+        try:
+            return reader.restore(path, args=ocp.args.PyTreeRestore(
+                item=abstract_part, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part),
+                partial_restore=True))
+        finally:
+            reader.close()
+
+    def _tree_metadata(self, step: int) -> PyTree:
+        try:
+            tree_metadata = self._manager.metadata(step).item_metadata[_STATE]
+        except Exception as e:  # noqa: BLE001 - missing or unreadable metadata files
+            raise DamagedCheckpointError(str(self.directory), step, _root_cause(e)) from e
+        if tree_metadata is None:
+            raise DamagedCheckpointError(str(self.directory), step, "the state's tree metadata is missing")
+        return getattr(tree_metadata, "tree", tree_metadata)
+
+    def _verify(self, step: int, restored: PyTree, abstract_state: PyTree) -> None:
+        """Raises DamagedCheckpointError unless every restored array has the abstract leaf's shape and dtype and
+        every floating-point one is finite: what training or export would go on to use is what was saved."""
+        got = dict(_flat_leaves(restored))
+        problems = []
+        floats = []
+        for path, want in _flat_leaves(abstract_state):
+            leaf = got.get(path)
+            if leaf is None or not hasattr(leaf, "shape"):
+                problems.append(f"{path}: not restored")
+            elif tuple(leaf.shape) != tuple(want.shape) or leaf.dtype != want.dtype:
+                problems.append(f"{path}: read {_fmt((tuple(leaf.shape), _dtype_name(leaf.dtype)))}, "
+                                f"expected {_fmt((tuple(want.shape), _dtype_name(want.dtype)))}")
+            elif jnp.issubdtype(leaf.dtype, jnp.inexact):
+                floats.append((path, leaf))
+        if floats:
+            # One check per leaf: leaves may live on different devices. The replicated result is read from the local
+            # copy (on several processes the whole array is not addressable).
+            problems += [f"{path}: non-finite values" for path, leaf in floats
+                         if not np.asarray(_all_finite(leaf).addressable_data(0))]
+        if problems:
+            more = len(problems) - _MAX_LISTED_MISMATCHES
+            listed = problems[:_MAX_LISTED_MISMATCHES] + ([f"... and {more} more"] if more > 0 else [])
+            raise DamagedCheckpointError(str(self.directory), step,
+                                         "what was read fails verification: " + "; ".join(listed))
+
+    def _check_matches(self, step: int, tree_metadata: PyTree, abstract_state: PyTree) -> None:
         """Compares the checkpoint's tree metadata with `abstract_state`; raises one ValueError listing all diffs."""
-        tree_metadata = self._manager.metadata(step).item_metadata[_STATE]
-        tree_metadata = getattr(tree_metadata, "tree", tree_metadata)
         saved = _flat_shapes(tree_metadata)
         wanted = _flat_shapes(abstract_state)
         problems = []
@@ -271,6 +410,33 @@ def _as_abstract(leaf: Any) -> Any:
     return leaf
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()
+
+
+def _root_cause(error: BaseException) -> str:
+    """The one line that says why orbax failed: the storage layer's status message (tensorstore's DATA_LOSS /
+    NOT_FOUND / OUT_OF_RANGE ...) found anywhere in the exception's chain, without the specs and source locations
+    tensorstore appends; otherwise the innermost exception's first line."""
+    chain, seen, todo = [], set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        chain.append(e)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    for e in chain:
+        match = _STATUS_RE.search(str(e))
+        if match:
+            text = _NOISE_RE.sub("", str(e)[match.start():])
+            return " ".join(text.split())
+    innermost = chain[-1]
+    lines = str(innermost).strip().splitlines()
+    return f"{type(innermost).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def _key_name(key: Any) -> str:
     # orbax stores namedtuples (optax states) as dicts and tuples as lists, so attribute, dict and sequence keys must
     # all render alike for the checkpoint's paths to line up with the model's.
@@ -282,6 +448,10 @@ def _key_name(key: Any) -> str:
 
 def _path_str(path: tuple) -> str:
     return "/".join(_key_name(k) for k in path)
+
+
+def _flat_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    return [(_path_str(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...] | None, str | None]]:

@@ -10,13 +10,18 @@ eos_id, think_id, end_think_id, vocab_size``):
 * ``HFTokenizer``: a ``tokenizer.json`` loaded through the ``tokenizers``
   package (imported lazily so this module imports without it).
 
-``load_tokenizer(spec)`` picks one from a config string.
+``load_tokenizer(spec)`` picks one from a config string. ``save_tokenizer(tokenizer, directory)`` writes
+either as ``tokenizer.json`` + ``tokenizer_config.json`` (the byte tokenizer as an equivalent byte-level BPE without
+merges), which ``tokenizers``, transformers' ``AutoTokenizer`` and ``load_tokenizer(directory)`` read back with the
+same ids.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -58,6 +63,8 @@ class ByteTokenizer:
     END_THINK = 4
     BYTE_OFFSET = 5
     VOCAB_SIZE = BYTE_OFFSET + 256  # 261
+    # Names of ids 0..4 in the exported tokenizer.json; bos/eos/pad are among HFTokenizer's candidate names.
+    SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", THINK_TOKEN, END_THINK_TOKEN)
 
     @property
     def pad_id(self) -> int:
@@ -227,6 +234,10 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def token_name(self, token_id: int) -> str:
+        """The vocabulary string of ``token_id``."""
+        return self._tok.id_to_token(token_id)
+
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: post-processors would otherwise insert
         # their own bos/eos, and the formatter places those itself.
@@ -253,6 +264,57 @@ def load_tokenizer(spec: str | os.PathLike | None) -> ByteTokenizer | HFTokenize
         # HFTokenizer raises FileNotFoundError naming the path if it is absent.
         return HFTokenizer(path)
     raise ValueError(f"unknown tokenizer spec {spec!r}: expected None, 'byte' or a path to tokenizer.json")
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte: the alphabet of the `tokenizers` ByteLevel
+    pre-tokenizer and decoder (printable Latin-1 bytes stand for themselves, the other 68 map to U+0100..U+0143)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def byte_tokenizer_json() -> dict:
+    """``ByteTokenizer`` as a ``tokenizer.json`` document: a byte-level BPE with no merges (so every byte is its own
+    token, id = byte + 5) whose pre-tokenizer keeps the text whole; ``<think>``/``</think>`` are added tokens
+    (matched in text, as ByteTokenizer does), while pad/bos/eos are plain vocabulary entries that text never
+    produces (ByteTokenizer encodes a literal "<bos>" as its bytes too)."""
+    vocab = {name: i for i, name in enumerate(ByteTokenizer.SPECIAL_TOKENS)}
+    vocab.update({char: byte + ByteTokenizer.BYTE_OFFSET for byte, char in _byte_to_unicode().items()})
+    byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    added = [{"id": ByteTokenizer.SPECIAL_TOKENS.index(t), "content": t, "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": False} for t in (THINK_TOKEN, END_THINK_TOKEN)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level}, "post_processor": None,
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+
+
+def save_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, directory: str | os.PathLike) -> None:
+    """Writes ``tokenizer.json`` (the byte tokenizer's document, or a copy of the HFTokenizer's file) and a
+    ``tokenizer_config.json`` naming the bos/eos/pad tokens for transformers' ``AutoTokenizer``."""
+    path = os.path.join(directory, "tokenizer.json")
+    # Without tokenizer_class, AutoTokenizer would pick the class registered for model_type "zaya" (Gemma's).
+    config: dict[str, str | bool] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if isinstance(tokenizer, ByteTokenizer):
+        with open(path, "w") as f:
+            json.dump(byte_tokenizer_json(), f, ensure_ascii=False)
+        names = ByteTokenizer.SPECIAL_TOKENS
+        bos, eos, pad = names[tokenizer.bos_id], names[tokenizer.eos_id], names[tokenizer.pad_id]
+        # transformers registers bos/eos/pad as special tokens and would match "<bos>" in text; ByteTokenizer
+        # encodes such text as its bytes, and so does transformers with this setting.
+        config["split_special_tokens"] = True
+    else:
+        shutil.copyfile(tokenizer.path, path)
+        bos, eos, pad = (tokenizer.token_name(i) for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id))
+    config.update(bos_token=bos, eos_token=eos, pad_token=pad)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def reasoning_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:

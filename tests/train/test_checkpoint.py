@@ -1,11 +1,13 @@
 """Tests for train/checkpoint.py: exact round trips (mixed dtypes, optax state, PRNG key data), async saves, retention,
-interrupted writes, shape / structure mismatch errors, and the save / restore step rules.
+interrupted writes, shape / structure mismatch errors, verification of what is read back, and the save / restore step
+rules. (Damaged files of a real run: tests/train/test_damaged_checkpoint.py.)
 
 Every restored value is compared bit for bit with a host copy taken before the save."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, DamagedCheckpointError
 
 # orbax's marker for a step directory that has not been committed yet (`<step>.orbax-checkpoint-tmp`).
 TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX
@@ -290,6 +292,100 @@ def test_shape_mismatch_names_tensors_before_restoring(tmp_path, monkeypatch):
     assert "embed" not in message  # matching tensors are not listed
     assert message.count(": checkpoint ") == 4
     ckpt.close()
+
+
+def test_non_finite_values_read_back_are_refused_naming_each_tensor(tmp_path):
+    state = make_state(8)
+    state["params"]["embed"] = state["params"]["embed"].at[3, 1].set(jnp.nan)
+    state["balancer"]["biases"] = state["balancer"]["biases"].at[1, 4].set(-jnp.inf)
+    with Checkpointer(tmp_path, save_every=1, keep=1, async_save=False) as ckpt:
+        ckpt.save(1, state, {})
+        with pytest.raises(DamagedCheckpointError) as info:
+            ckpt.restore(abstract_of(state))
+    message = str(info.value)
+    assert message.startswith("checkpoint step 1 in ") and "\n" not in message
+    assert message.endswith("is damaged: what was read fails verification: balancer/biases: non-finite values; "
+                            "params/embed: non-finite values")
+
+
+@pytest.mark.parametrize("fault", ["shape", "dtype"])
+def test_an_array_read_back_with_another_shape_or_dtype_is_refused(tmp_path, monkeypatch, fault):
+    state = make_state(9)
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=1, async_save=False)
+    ckpt.save(1, state, {})
+    read = ckpt._manager.restore
+
+    def faulty_read(step, args):  # a storage layer that hands back something else than what was asked for
+        restored = read(step, args=args)
+        q = restored["state"]["params"]["layers"]["attn"]["q_proj"]
+        q = q[:, :, :8] if fault == "shape" else q.astype(jnp.bfloat16)
+        restored["state"]["params"]["layers"]["attn"]["q_proj"] = q
+        return restored
+
+    monkeypatch.setattr(ckpt._manager, "restore", faulty_read)
+    with pytest.raises(DamagedCheckpointError) as info:
+        ckpt.restore(abstract_of(state))
+    ckpt.close()
+    got = "(4, 8, 8) float32" if fault == "shape" else "(4, 8, 16) bfloat16"
+    assert str(info.value).endswith(f"params/layers/attn/q_proj: read {got}, expected (4, 8, 16) float32")
+
+
+def test_only_reads_the_named_entries(tmp_path, monkeypatch):
+    state = make_state(10)
+    expected = host_copy(state)
+    with Checkpointer(tmp_path, save_every=1, keep=1, async_save=False) as ckpt:
+        ckpt.save(1, state, {"offset": 1})
+        read = ocp.PyTreeCheckpointer.restore
+        asked = []
+
+        def recording_read(self, directory, args):
+            asked.append(args.item)
+            return read(self, directory, args=args)
+
+        monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", recording_read)
+        monkeypatch.setattr(ckpt._manager, "restore", None)  # the whole-step restore is not used
+        wanted = {"params": abstract_of(state["params"]), "rng": abstract_of(state["rng"])}
+        step, restored, data_state, extra = ckpt.restore(wanted, only=["params", "rng"])
+    assert (step, data_state, extra) == (1, None, None)
+    assert_bitwise_equal(restored, {"params": expected["params"], "rng": expected["rng"]})
+    # Only the named entries were asked for: the optimizer and balancer arrays were not read.
+    assert len(asked) == 1 and sorted(asked[0]) == ["params", "rng"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# A cut before a chunk's byte range is an OCDBT range error, a cut inside it a zstd error; a deleted data file reads
+# as empty (tensorstore: FAILED_PRECONDITION ... Truncated Zstd-compressed stream; at byte 0).
+# Which array's read fails first varies with orbax's concurrent reads, so either cause may be reported.
+CAUSES = "(Requested byte range .* is not valid|Truncated Zstd-compressed stream|NOT_FOUND)"
+
+
+@pytest.mark.parametrize("damage", [_truncate, Path.unlink], ids=["truncated", "deleted"])
+def test_a_damaged_step_is_named_in_one_line_restore_falls_back_and_set_aside_keeps_it(tmp_path, damage):
+    older, newer = make_state(11), make_state(12)
+    expected = host_copy(older)
+    with Checkpointer(tmp_path, save_every=1, keep=3, async_save=False) as ckpt:
+        ckpt.save(1, older, {"offset": 1})
+        ckpt.save(2, newer, {"offset": 2})
+    for data_file in (tmp_path / "2" / "state" / "ocdbt.process_0" / "d").iterdir():
+        damage(data_file)
+    with Checkpointer(tmp_path, save_every=1, keep=3, async_save=False) as ckpt:
+        with pytest.raises(DamagedCheckpointError) as info:
+            ckpt.restore(abstract_of(newer))
+        reported = []
+        step, restored, data_state, _ = ckpt.restore(abstract_of(newer), on_damaged=reported.append)
+        kept = ckpt.set_aside(2)
+        assert ckpt.all_steps() == [1]
+        assert ckpt.save(2, newer, {"offset": 2}) is True  # the step can be written again
+    message = str(info.value)
+    assert message.startswith(f"checkpoint step 2 in {str(tmp_path)!r} is damaged: ") and "\n" not in message
+    assert re.search(CAUSES, message) and len(message) < 600, message
+    assert [e.step for e in reported] == [2] and re.search(CAUSES, str(reported[0]))
+    assert (step, data_state) == (1, {"offset": 1})
+    assert_bitwise_equal(restored, expected)
+    assert kept == str(tmp_path / "2.damaged") and (tmp_path / "2.damaged" / "state").is_dir()
 
 
 def test_structure_mismatch_lists_missing_and_extra(tmp_path):

@@ -1,10 +1,10 @@
-"""Tests for train/data/tokenizers.py: byte tokenizer ids, round trips, HF wrapper, loader."""
+"""Tests for zaya_jax/tokenizers.py: byte tokenizer ids, round trips, HF wrapper, loader, saved tokenizer files."""
 
 from __future__ import annotations
 
 import pytest
 
-from zaya_jax.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from zaya_jax.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, save_tokenizer
 
 
 def test_byte_ids_are_the_documented_layout():
@@ -133,3 +133,52 @@ def test_load_tokenizer(tmp_path):
         load_tokenizer("gpt-17")
     with pytest.raises(FileNotFoundError, match="absent.json"):
         load_tokenizer(str(tmp_path / "absent.json"))
+
+
+# Every code point below 256 (one- and two-byte UTF-8), both tags, a literal "<bos>" (plain bytes for
+# ByteTokenizer), three- and four-byte characters.
+SAVED_TEXTS = ["".join(map(chr, range(256))), "日本語 <think>step 1\nstep 2</think> <bos>\\boxed{7} 🙂", ""]
+
+
+@pytest.mark.parametrize("text", SAVED_TEXTS, ids=["code points below 256", "tags and multi-byte", "empty"])
+def test_saved_byte_tokenizer_has_the_same_ids_in_tokenizers_and_transformers(tmp_path, text):
+    import tokenizers
+    import transformers
+
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    byte = ByteTokenizer()
+    ids = byte.encode(text)
+    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert raw.encode(text, add_special_tokens=False).ids == ids
+    ours = load_tokenizer(str(tmp_path))  # what zaya-generate uses for a directory with tokenizer.json
+    assert isinstance(ours, HFTokenizer) and ours.encode(text) == ids
+    framed = [byte.bos_id, *ids, byte.eos_id, byte.pad_id]
+    assert ours.decode(framed) == byte.decode(framed) == text
+    assert (ours.pad_id, ours.bos_id, ours.eos_id, ours.think_id, ours.end_think_id, ours.vocab_size) == (
+        byte.pad_id, byte.bos_id, byte.eos_id, byte.think_id, byte.end_think_id, byte.vocab_size)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert isinstance(hf, transformers.PreTrainedTokenizerFast)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (byte.bos_id, byte.eos_id, byte.pad_id)
+    assert hf.encode(text, add_special_tokens=False) == ids
+    assert hf.decode(framed, skip_special_tokens=True) == text
+
+
+def test_saved_byte_tokenizer_decodes_broken_utf8_like_the_byte_tokenizer(tmp_path):
+    save_tokenizer(ByteTokenizer(), tmp_path)
+    ours, byte = load_tokenizer(str(tmp_path)), ByteTokenizer()
+    # a lone lead byte, a cut 3-byte sequence, a stray continuation byte, 0xff, and a sequence cut by <think>
+    for ids in ([200], [235, 156], [5 + 0x80, 102], [260, 102], [200, 3, 174]):
+        assert ours.decode(ids) == byte.decode(ids), ids
+
+
+def test_saved_hf_tokenizer_is_a_copy_with_its_token_names(tmp_path):
+    source = tmp_path / "source.json"
+    _build_hf_tokenizer(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    save_tokenizer(HFTokenizer(source), out)
+    assert (out / "tokenizer.json").read_bytes() == source.read_bytes()
+    import json
+
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<s>", "</s>", "<pad>")
