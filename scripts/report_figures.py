@@ -1,7 +1,7 @@
 """Prints the figures quoted in closing notes: parity errors against transformers, compile times of the tiny preset,
 per-device parameter bytes on the test meshes, and the balancer test's entropy curve.
 
-    PYTHONPATH=. python scripts/report_figures.py parity|compile|bytes|balancer|kernels|inference
+    PYTHONPATH=. python scripts/report_figures.py parity|compile|bytes|balancer|kernels|inference|tolerances
 
 Run from the repository root with the test extras installed; it reuses the test suite's fixtures (8 virtual CPU
 devices via tests/conftest.py).
@@ -207,6 +207,142 @@ def inference() -> None:
     generate_module.init_cache = real_init_cache
 
 
+def tolerances() -> None:
+    """Each family of float32 comparisons (tests/tolerances.py): the correct result's error and deliberately broken
+    variants' (a wrong sign, a missing term, a wrong expert), each as max |error| / max |reference| against the
+    family's bound. A broken variant must land above the bound, the correct one below."""
+    from tests.tolerances import (ADAM_DEPTH, EXPERT_GRAD_DEPTH, cross_entropy_bound, float32_bound, model_depth,
+                                  model_terms, scaled_error)
+    from tests.zaya_jax.test_parity import _models
+    from zaya_jax.attention import xla_attention
+    from zaya_jax.kernels.flash_attention import flash_attention
+    from zaya_jax.moe import experts_dense, experts_sorted
+
+    def report(family: str, bound: float, variants: dict) -> None:
+        for name, (got, want) in variants.items():
+            err = scaled_error(got, want)
+            verdict = "passes" if err <= bound else "FAILS"
+            print(f"| {family} | {name} | {err:.2e} | {bound:.2e} | {verdict} |")
+
+    print("| family | variant | max abs error / max abs reference | bound | check |\n|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    tokens, hidden, inner, experts = 37, 8, 6, 4
+    x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
+    expert = jnp.asarray(rng.integers(0, experts, tokens), jnp.int32)
+    weight = jnp.asarray(rng.uniform(size=tokens), jnp.float32)
+    gate_up = jnp.asarray(rng.normal(size=(experts, hidden, 2 * inner)), jnp.float32)
+    down = jnp.asarray(rng.normal(size=(experts, inner, hidden)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
+
+    def gate_up_grad(fn, expert=expert, down=down):
+        return jax.grad(lambda gu: jnp.sum(fn(x, expert, weight, gu, down) * cotangent))(gate_up)
+
+    want = gate_up_grad(experts_dense)
+    report("experts: sorted vs dense, d/d gate_up", float32_bound(tokens, EXPERT_GRAD_DEPTH), {
+        "correct": (gate_up_grad(experts_sorted), want),
+        "wrong expert for one token": (gate_up_grad(experts_sorted, expert=expert.at[0].set((expert[0] + 1) % 4)),
+                                       want),
+        "wrong sign of one expert's down": (gate_up_grad(experts_sorted, down=down.at[1].multiply(-1)), want),
+    })
+
+    hf, ours = _models("gqa4x2")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = hf(ids).logits.numpy()
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+
+    def logits(**edits):
+        state = jax.tree.map(lambda a: a, params)
+        for path, edit in edits.items():
+            node = state
+            for key in path.split("/")[:-1]:
+                node = node[key]
+            node[path.split("/")[-1]][...] = edit(node[path.split("/")[-1]][...])
+        return np.asarray(nnx.merge(graphdef, state, rest)(jnp.asarray(ids.numpy())))
+
+    report("model vs transformers, logits", float32_bound(model_terms(ours.config, 9),
+                                                          model_depth(ours.config.num_layers)), {
+        "correct": (logits(), ref),
+        "wrong sign of one layer's conv bias": (
+            logits(**{"layers/attn/conv_depthwise_bias": lambda b: b.at[1].multiply(-1)}), ref),
+        "missing value shift (delayed values zeroed)": (
+            logits(**{"layers/attn/v_delayed": lambda w: w.at[0].set(0)}), ref),
+        "experts 0 and 1 swapped in one layer": (
+            logits(**{"layers/moe/experts/down": lambda w: w.at[0, 0].set(w[0, 1]).at[0, 1].set(w[0, 0])}), ref),
+    })
+
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 37, h, 16)), jnp.float32) for h in (4, 2, 2))
+    segments = jnp.ones((2, 37), jnp.int32)
+    reference = xla_attention(q, k, v, segments, segments, 0)
+    short = segments.at[:, 20].set(0)  # one key masked out for every query: a missing term
+    report("kernels vs XLA, flash attention forward", float32_bound(37, 3), {
+        "correct": (flash_attention(q, k, v, segments, segments, 0, 16, 8, True), reference),
+        "wrong sign of the values": (flash_attention(q, k, -v, segments, segments, 0, 16, 8, True), reference),
+        "one key missing": (flash_attention(q, k, v, segments, short, 0, 16, 8, True), reference),
+    })
+
+    from sharding import MeshConfig, batch_sharding, init_sharded_model, make_mesh
+    from tests.sharding.test_meshes import CONFIG, _loss
+    from train.data import ByteTokenizer, make_dataset
+    from train.data.sources import SyntheticSource
+    from zaya_jax import init_model
+
+    raw = next(iter(make_dataset(SyntheticSource(seed=3), ByteTokenizer(), 64, 8, seed=3, num_threads=0)))
+    batch = {k: jnp.asarray(raw[k]) for k in ("tokens", "segment_ids", "positions", "targets", "target_mask")}
+
+    def loss_and_grads(model, mesh=None):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        fn = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
+        if mesh is None:
+            return jax.device_get(fn(graphdef, params, rest, batch))
+        with jax.set_mesh(mesh):
+            return jax.device_get(fn(graphdef, params, rest, jax.device_put(batch, batch_sharding(mesh))))
+
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    ref_loss, ref_grads = loss_and_grads(init_model(CONFIG, seed=0))
+    loss, grads = loss_and_grads(init_sharded_model(CONFIG, mesh, seed=0), mesh)
+    swapped = init_model(CONFIG, seed=0)
+    down = swapped.layers.moe.experts.down
+    down[...] = down[...].at[0, 0].set(down[...][0, 1]).at[0, 1].set(down[...][0, 0])
+    broken_loss, broken_grads = loss_and_grads(swapped)
+    name = "layers/moe/router/fc1"  # a gradient every token's routing path feeds
+    pick = lambda tree: tree["layers"]["moe"]["router"]["fc1"][...]  # noqa: E731
+    terms = max(model_terms(CONFIG, 64), CONFIG.vocab_size, 8 * 64)
+    report(f"sharded (data 2 x expert 4) vs one device, d loss / d {name}",
+           float32_bound(terms, model_depth(CONFIG.num_layers, backward=True) + 2), {
+               "correct": (pick(grads), pick(ref_grads)),
+               "experts 0 and 1 swapped in one layer": (pick(broken_grads), pick(ref_grads)),
+           })
+    graphdef, params, rest = nnx.split(init_model(CONFIG, seed=0), nnx.Param, ...)
+    unmasked = _loss(graphdef, params, rest, {**batch, "target_mask": jnp.ones_like(batch["target_mask"])})
+    max_abs_logit = float(jnp.abs(nnx.merge(graphdef, params, rest)(batch["tokens"])).max())
+    loss_bound = cross_entropy_bound(max_abs_logit=max_abs_logit, loss=float(ref_loss), vocab=CONFIG.vocab_size,
+                                     tokens=8 * 64, logits_bound=float32_bound(model_terms(CONFIG, 64),
+                                                                               model_depth(CONFIG.num_layers)))
+    report("sharded (data 2 x expert 4) vs one device, loss", loss_bound / abs(float(ref_loss)), {
+        "correct": (loss, ref_loss),
+        "experts 0 and 1 swapped in one layer (at init the loss barely depends on one expert)": (broken_loss, ref_loss),
+        "target mask ignored (padding and prompts counted)": (unmasked, ref_loss),
+    })
+
+    from train.optim import OptimizerConfig, make_optimizer
+
+    cfg = OptimizerConfig(lr=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.1, clip_norm=None)
+    p = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+    g = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+    opt = make_optimizer(cfg, p)
+    update = np.asarray(opt.update(g, opt.init(p), p)[0]["w"], np.float64)
+    pw, gw = np.asarray(p["w"], np.float64), np.asarray(g["w"], np.float64)
+    lr = cfg.lr * (1 - 0)  # step 0 of a cosine schedule without warmup
+    adam = lambda gw, b1c=1 - cfg.b1, b2c=1 - cfg.b2: (  # noqa: E731
+        ((1 - cfg.b1) * gw / b1c) / (np.sqrt((1 - cfg.b2) * gw**2 / b2c) + cfg.eps))
+    report("optimizer vs float64 NumPy, AdamW update", float32_bound(pw.size, ADAM_DEPTH), {
+        "correct": (update, -lr * (adam(gw) + cfg.weight_decay * pw)),
+        "wrong sign of weight decay": (update, -lr * (adam(gw) - cfg.weight_decay * pw)),
+        "missing second-moment bias correction": (update, -lr * (adam(gw, b2c=1.0) + cfg.weight_decay * pw)),
+    })
+
+
 if __name__ == "__main__":
     {"inference": inference, "parity": parity, "compile": compile_times, "bytes": device_bytes, "balancer": balancer,
-     "kernels": kernels}[sys.argv[1]]()
+     "kernels": kernels, "tolerances": tolerances}[sys.argv[1]]()

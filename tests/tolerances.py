@@ -75,3 +75,12 @@ EXPERT_DEPTH, EXPERT_GRAD_DEPTH = 3, 5
 # Chained roundings of one AdamW step on one element: two moment updates (2 each), two bias corrections, the square
 # root, eps, the division, weight decay, the learning rate.
 ADAM_DEPTH = 10
+
+
+def cross_entropy_bound(*, max_abs_logit: float, logits_bound: float, loss: float, vocab: int, tokens: int) -> float:
+    """Absolute bound on a float32 mean token cross-entropy whose logits carry at most logits_bound * max_abs_logit
+    error: log-sum-exp and the target logit move by at most the logits' max error each (both are 1-Lipschitz in the
+    max norm), and the log-sum-exp over the vocabulary and the mean over the tokens add their own sums' rounding.
+    (Relative to the loss itself the logits' bound would be far looser than needed: at init the logits are ~0.1 and
+    the loss is log(vocab).)"""
+    return 2 * logits_bound * max_abs_logit + float32_bound(max(vocab, tokens), 2) * abs(loss)
