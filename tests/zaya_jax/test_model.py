@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from zaya_jax import BalancingBias, ZayaForCausalLM, init_model, load_preset, parameter_counts
-from zaya_jax.moe import experts_dense, experts_padded, experts_sorted
+from zaya_jax.experts import experts_dense, experts_padded, experts_sorted
 
 
 def test_zaya1_8b_parameter_counts_without_allocating():
