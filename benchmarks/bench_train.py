@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from timing import matmul_peak
 
+from sharding import use_mesh
 from train.config import load_train_config
 from train.loop import flops_per_token, global_batch, setup
 from zaya_jax.config import PRESET_DIR
@@ -63,7 +64,7 @@ def bench_ours(cfg, steps: int, warmup: int, profile_dir: str | None):
     graphdef, state, step_fn, mesh = setup(cfg)
     batch = global_batch(random_batch(cfg, 0), mesh)
     times = []
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh):
         for i in range(warmup + steps):
             start = time.perf_counter()
             state, metrics = step_fn(state, batch)

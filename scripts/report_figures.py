@@ -281,7 +281,7 @@ def tolerances() -> None:
         "one key missing": (flash_attention(q, k, v, segments, short, 0, 16, 8, True), reference),
     })
 
-    from sharding import MeshConfig, batch_sharding, init_sharded_model, make_mesh
+    from sharding import MeshConfig, batch_sharding, init_sharded_model, make_mesh, use_mesh
     from tests.sharding.test_meshes import CONFIG, _loss
     from train.data import ByteTokenizer, make_dataset
     from train.data.sources import SyntheticSource
@@ -295,7 +295,7 @@ def tolerances() -> None:
         fn = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
         if mesh is None:
             return jax.device_get(fn(graphdef, params, rest, batch))
-        with jax.set_mesh(mesh):
+        with use_mesh(mesh):
             return jax.device_get(fn(graphdef, params, rest, jax.device_put(batch, batch_sharding(mesh))))
 
     mesh = make_mesh(MeshConfig(data=2, expert=4))

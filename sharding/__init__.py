@@ -1,6 +1,6 @@
 """How the model spreads over devices: the mesh, the logical-axis rules, placement of the training state."""
 
-from sharding.mesh import MeshConfig, make_mesh
+from sharding.mesh import MeshConfig, make_mesh, use_mesh
 from sharding.placement import init_sharded_model, train_state_shardings
 from sharding.rules import PARAM_AXES, RULES, ShardingRuleError, batch_shards, batch_sharding, describe, partition_spec
 
@@ -16,4 +16,5 @@ __all__ = [
     "make_mesh",
     "partition_spec",
     "train_state_shardings",
+    "use_mesh",
 ]

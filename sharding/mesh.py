@@ -4,17 +4,23 @@
 
 One axis may be -1: it takes every device the others leave. The product must equal the number of devices
 (all processes' devices in a multi-host run), or the mesh is refused with the sizes named.
+
+`use_mesh(mesh)` is the context the model is traced in on that mesh: JAX's current mesh plus the logical-axis
+rules (sharding/rules.py RULES) installed for the model (`zaya_jax.axis_rules`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from typing import Iterator
 
 import jax
 from jax.sharding import AxisType, Mesh
 
-from sharding.rules import MESH_AXES
+from sharding.rules import MESH_AXES, RULES
+from zaya_jax.axis_rules import Rules, use_rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,3 +58,11 @@ def make_mesh(config: MeshConfig | None = None, devices: list | None = None) -> 
     # Auto axes: the compiler propagates shardings from the parameters and the batch (GSPMD).
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
                          axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
+    """Trace and run the model on `mesh` inside this block: it is JAX's current mesh (`jax.set_mesh`), and the
+    logical-axis rules (`rules`, default RULES) are installed for the model's activations and token dispatch."""
+    with jax.set_mesh(mesh), use_rules(RULES if rules is None else rules):
+        yield mesh

@@ -2,9 +2,10 @@
 
 Every parameter of `ZayaForCausalLM` gets a tuple of logical axis names, one per dimension, from `PARAM_AXES`
 (keyed by the parameter's path with the leading `layers` stack axis included). `RULES` maps each logical name to
-a mesh axis (or None: replicated). `partition_spec` turns one parameter's logical axes into a `PartitionSpec`
-and raises a `ShardingRuleError` when two dimensions would use the same mesh axis (a collision) or a dimension is
-not divisible by the mesh axes it is split over.
+a mesh axis (or None: replicated): the parameters' names and those the model gives its activations and tokens
+(`zaya_jax.axis_rules`), for which the table is installed around tracing (`sharding.use_mesh`). `partition_spec`
+turns one parameter's logical axes into a `PartitionSpec` and raises a `ShardingRuleError` when two dimensions
+would use the same mesh axis (a collision) or a dimension is not divisible by the mesh axes it is split over.
 
 Default layout (MaxText-style FSDP + expert parallelism):
     embed    [V, H]                 ("vocab", "embed")          embed -> fsdp
@@ -20,6 +21,8 @@ from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from zaya_jax.axis_rules import mesh_axes, spec_entry
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -45,17 +48,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "expert_groups": ("data", "fsdp"),
     "expert_slots": None,
     "expert_capacity": None,
-}
-
-# Logical axes of the key activations (what zaya_jax.layers.constrain pins inside the model under a mesh).
-ACTIVATION_AXES: dict[str, tuple[str, ...]] = {
-    "residual": ("batch", "length", "activation_embed"),  # [B, S, H] float32 residual stream
-    "logits": ("batch", "length", "vocab"),  # [B, S, V]
-    "tokens": ("batch", "length"),  # [B, S] ids, segment ids, positions
-    # The padded experts' [G, E, C, H] buffer (moe.py): filled where its tokens are ("dispatch": groups like the
-    # batch), then resharded to experts over `expert` ("expert_buffer"), which the compiler does with an all-to-all.
-    "dispatch": ("batch", "expert_slots", "expert_capacity", "activation_embed"),
-    "expert_buffer": ("expert_groups", "expert", "expert_capacity", "activation_embed"),
 }
 
 # Parameter path (slash-joined, as in nnx.State) -> logical axes per dimension.
@@ -127,38 +119,19 @@ def partition_spec(
     for dim, (axis, size) in enumerate(zip(logical, shape)):
         if axis not in rules:
             raise ShardingRuleError(f"{name}: logical axis {axis!r} has no rule in sharding/rules.py RULES")
-        target = rules[axis]
-        mesh_axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        mesh_axes = tuple(a for a in mesh_axes if mesh.shape.get(a, 1) > 1)  # size-1 axes shard nothing
-        for mesh_axis in mesh_axes:
-            if mesh_axis not in mesh.shape:
-                raise ShardingRuleError(f"{name}: rule {axis!r} -> {mesh_axis!r}, which is not a mesh axis")
+        split = mesh_axes((axis,), mesh, rules)
+        for mesh_axis in split:
             if mesh_axis in used:
                 raise ShardingRuleError(
                     f"{name}: mesh axis {mesh_axis!r} used twice, by dim {used[mesh_axis]} and dim {dim} ({axis!r})"
                 )
             used[mesh_axis] = f"{dim} ({axis!r})"
-        ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        ways = math.prod(mesh.shape[a] for a in split)
         if size % ways:
             raise ShardingRuleError(
-                f"{name}: dim {dim} ({axis!r}, size {size}) is not divisible by mesh axes {mesh_axes} ({ways} ways)"
+                f"{name}: dim {dim} ({axis!r}, size {size}) is not divisible by mesh axes {split} ({ways} ways)"
             )
-        spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
-    return PartitionSpec(*spec)
-
-
-def activation_spec(kind: str, mesh: Any, rules: dict[str, Any] | None = None) -> PartitionSpec:
-    """The PartitionSpec of activation `kind` (a key of ACTIVATION_AXES) on `mesh` (concrete or abstract)."""
-    rules = RULES if rules is None else rules
-    spec, used = [], set()
-    for axis in ACTIVATION_AXES[kind]:
-        target = rules[axis]
-        mesh_axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        mesh_axes = tuple(a for a in mesh_axes if dict(mesh.shape).get(a, 1) > 1)
-        if used & set(mesh_axes):
-            raise ShardingRuleError(f"activation {kind}: mesh axes {sorted(used & set(mesh_axes))} used twice")
-        used |= set(mesh_axes)
-        spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
+        spec.append(spec_entry(split))
     return PartitionSpec(*spec)
 
 
@@ -173,15 +146,13 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] | None = None)
 
 def batch_sharding(mesh: Mesh, rules: dict[str, Any] | None = None) -> NamedSharding:
     """Sharding of a [B, S] batch array: B split over the "batch" rule's mesh axes."""
-    rules = RULES if rules is None else rules
-    axes = tuple(a for a in rules["batch"] if mesh.shape.get(a, 1) > 1)
+    axes = mesh_axes(("batch",), mesh, RULES if rules is None else rules)
     return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
 def batch_shards(mesh: Mesh, rules: dict[str, Any] | None = None) -> int:
     """How many ways the batch dimension is split (the product of the "batch" rule's mesh axes)."""
-    rules = RULES if rules is None else rules
-    return math.prod(mesh.shape.get(a, 1) for a in rules["batch"])
+    return math.prod(mesh.shape[a] for a in mesh_axes(("batch",), mesh, RULES if rules is None else rules))
 
 
 def describe(state: Any, mesh: Mesh, rules: dict[str, Any] | None = None) -> str:

@@ -33,7 +33,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
-from sharding import batch_sharding, init_sharded_model, make_mesh
+from sharding import batch_sharding, init_sharded_model, make_mesh, use_mesh
 from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
 from train.checkpoint import Checkpointer
@@ -259,7 +259,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
             batch = next(data_iter)
             batch = global_batch(batch, mesh)
             t0 = time.perf_counter()
-            with jax.set_mesh(mesh):  # expert parallelism reads the mesh while tracing the step
+            with use_mesh(mesh):  # the model reads the mesh and its axis rules while tracing the step
                 state, metrics = step_fn(state, batch)
             skipped = int(metrics["skipped"])  # one scalar sync per step: bad steps are counted exactly
             if watchdog is not None:
@@ -315,7 +315,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     accuracy = None
     # Decoding gathers outputs on the host: single-process runs only (multi-host runs evaluate after export).
     if not interrupted and cfg.data.eval_samples > 0 and jax.process_count() == 1:
-        with jax.set_mesh(mesh):
+        with use_mesh(mesh):
             accuracy = heldout_accuracy(cfg, graphdef, state, tokenizer)
     summary = RunSummary(
         run_dir=run.run_dir, steps=step, first_loss=first_loss, last_loss=last_loss, heldout_accuracy=accuracy,

@@ -11,7 +11,7 @@
     jit_train_step(cfg, setup, mesh) -> the jitted step: state donated, its output state placed like its input
 
 train/loop.py builds every run from these, so `jit_train_step(cfg, setup, mesh).lower(setup.state,
-abstract_batch(cfg, mesh))` (under `jax.set_mesh(mesh)`) compiles the program a real run executes.
+abstract_batch(cfg, mesh))` (under `sharding.use_mesh(mesh)`) compiles the program a real run executes.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def abstract_batch(cfg: TrainConfig, mesh: Mesh) -> Batch:
 def jit_train_step(cfg: TrainConfig, setup: TrainSetup, mesh: Mesh, *,
                    compiler_options: dict[str, Any] | None = None) -> Callable[[TrainState, Batch], Any]:
     """The run's step, jitted: (state, batch) -> (state, metrics); the input state is donated and the output state
-    gets the input's shardings, so one compiled program serves every step. Call it under `jax.set_mesh(mesh)`.
+    gets the input's shardings, so one compiled program serves every step. Call it under `sharding.use_mesh(mesh)`.
 
     `compiler_options`: XLA options for this program only (e.g. {"xla_backend_optimization_level": 0} where the
     program's buffers matter and its speed does not: it halves a CPU compile and leaves the memory analysis as is).

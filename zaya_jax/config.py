@@ -56,8 +56,9 @@ class ZayaConfig:
     param_dtype: DTypeName = "float32"  # dtype of the stored parameters (float32 master weights in training)
     dtype: DTypeName = "float32"  # compute dtype; the residual stream, softmaxes and logits stay float32
     attention_impl: str = "xla"  # "xla" (the reference) | "pallas" (GPU/TPU kernels) | "cudnn" (GPU); docs/kernels.md
-    # "sorted": tokens sorted by expert + grouped matmul; "dense": every expert (the reference); "padded": a
-    # capacity-padded per-expert einsum (needs expert_capacity_factor; drops counted); "expert_parallel": experts
+    # "sorted": tokens sorted by expert + grouped matmul, each device its own tokens under a mesh (moved across the
+    # expert axis by `expert_parallel_transport` when that is > 1); "dense": every expert (the reference); "padded":
+    # a capacity-padded per-expert einsum (needs expert_capacity_factor; drops counted); "expert_parallel": experts
     # split over the mesh's expert axis under shard_map, tokens moved by `expert_parallel_transport`.
     moe_impl: str = "sorted"
     expert_parallel_transport: str = "all_to_all"  # "all_to_all" | "all_gather" | "ragged_all_to_all"

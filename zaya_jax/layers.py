@@ -5,7 +5,7 @@
 - `ResidualScaling`: `(h + b_h) * s_h + (res + b_r) * s_r`, the learned residual merge; the residual stream is float32.
 - `rotary_embedding` / `apply_partial_rope`: NeoX (rotate-half) RoPE on the first `rotary_dim` dims of each head.
 - `dense_init`, `DTYPES`: the initializer and dtype table every module uses.
-- `constrain`: pins a key activation to its logical layout (sharding/rules.py) under a mesh.
+- `constrain`: pins a key activation to its logical layout (the installed `zaya_jax.axis_rules`) under a mesh.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zaya_jax.axis_rules import activation_spec
 from zaya_jax.config import ZayaConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -73,14 +74,11 @@ class ResidualScaling(nnx.Module):
 
 
 def constrain(x: jax.Array, kind: str) -> jax.Array:
-    """Pins activation `kind` ("residual", "logits", "tokens") to its layout in sharding/rules.py when the model
-    runs under a mesh (`jax.set_mesh`); a no-op on one device."""
+    """Pins activation `kind` (a key of `zaya_jax.axis_rules.ACTIVATION_AXES`) to its layout under the installed
+    logical-axis rules when the model runs under a mesh (`jax.set_mesh`); a no-op on one device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    # Imported here: sharding/ builds on this package, not the other way round.
-    from sharding.rules import activation_spec
-
     return jax.lax.with_sharding_constraint(x, activation_spec(kind, mesh))
 
 

@@ -1,111 +1,28 @@
-"""Top-1 mixture of SwiGLU experts: token dispatch and expert compute.
+"""The MoE block: the router, the SwiGLU experts' weights, and the token dispatch that `config.moe_impl` names.
 
-Expert weights (transformers' fused layout, stored input-major): gate_up [E, H, 2I] (first I outputs = gate,
-second I = up), down [E, I, H]. For tokens x [T, H] routed to expert e_t with weight p_t:
+    x [B, S, H] (normed), router_state [B, S, R] -> y [B, S, H], new router state, choice [B, S], dropped []
 
-    y_t = p_t * (silu(x_t Wg[e_t]) * (x_t Wu[e_t])) Wd[e_t]          # y [T, H]
-
-Skip-class tokens arrive with p_t = 0 and any valid expert index; their output is zero. Two dropless
-implementations compute the same y:
-- `experts_sorted`: sort tokens by expert, grouped matmul (`jax.lax.ragged_dot`) over contiguous groups, unsort.
-- `experts_dense`: every token through every expert, then select (E times the FLOPs; the reference).
-and one with a capacity, which drops (and counts) the tokens past it:
-- `experts_padded`: GShard-style. Tokens in groups (one batch row each); in every group expert e takes its first
-  C = ceil(capacity_factor * group / E) tokens by position into a [G, E, C, H] buffer, and each matmul is one
-  batched einsum over the experts. Under a mesh the buffer is pinned to experts-over-`expert`, so the compiler moves
-  tokens to their experts' devices (an all-to-all) instead of gathering weights. On an H100 a capacity-padded
-  per-expert einsum ran ZAYA-shaped experts at ~316 TFLOP/s forward + backward against ~43 for `ragged_dot`
-  (issue #4's measurement), which is why it exists next to the dropless default.
+On one device the experts run as `zaya_jax.experts` computes them ("sorted": grouped matmul; "dense": every expert;
+"padded": capacity-padded einsum; "expert_parallel" needs a mesh). Under a mesh (`jax.set_mesh` with the
+logical-axis rules installed, see `zaya_jax.axis_rules`), "sorted" and "expert_parallel" dispatch on every device
+only the tokens it holds (`zaya_jax.parallel.expert_dispatch.experts_sharded`), the tokens being split over the
+mesh axes of the logical "batch" and "length" axes: "sorted" moves tokens across the experts' mesh axis only when
+that has size > 1 (dropless, by `expert_parallel_transport`); "expert_parallel" always runs expert parallelism over
+it (size 1 included) and may have a capacity. "dense" and "padded" are partitioned by the compiler.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zaya_jax.axis_rules import installed_rules, mesh_axes, rule_axes
 from zaya_jax.config import ZayaConfig
-from zaya_jax.layers import compute_dtype, constrain, dense_init
+from zaya_jax.experts import experts_dense, experts_padded, experts_sorted
+from zaya_jax.layers import compute_dtype, dense_init
+from zaya_jax.parallel.expert_dispatch import experts_sharded
 from zaya_jax.router import Router
-
-
-def _swiglu(gate_up: jax.Array) -> jax.Array:
-    gate, up = jnp.split(gate_up, 2, axis=-1)
-    return jax.nn.silu(gate) * up
-
-
-def experts_dense(
-    x: jax.Array, expert: jax.Array, weight: jax.Array, gate_up: jax.Array, down: jax.Array
-) -> jax.Array:
-    """x [T, H], expert [T] int, weight [T] -> y [T, H], computing all experts for every token."""
-    h = _swiglu(jnp.einsum("th,ehf->tef", x, gate_up))
-    y_all = jnp.einsum("tei,eih->teh", h, down)
-    y = jnp.take_along_axis(y_all, expert[:, None, None], axis=1)[:, 0]
-    return y * weight[:, None].astype(y.dtype)
-
-
-def experts_sorted(
-    x: jax.Array, expert: jax.Array, weight: jax.Array, gate_up: jax.Array, down: jax.Array
-) -> jax.Array:
-    """x [T, H], expert [T] int, weight [T] -> y [T, H] via a grouped matmul over tokens sorted by expert."""
-    num_experts = gate_up.shape[0]
-    order = jnp.argsort(expert, stable=True)
-    group_sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
-    h = _swiglu(jax.lax.ragged_dot(x[order], gate_up, group_sizes))
-    y_sorted = jax.lax.ragged_dot(h, down, group_sizes)
-    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
-    return y * weight[:, None].astype(y.dtype)
-
-
-EXPERT_IMPLS = {"sorted": experts_sorted, "dense": experts_dense}
-
-
-def capacity_slots(tokens: int, buckets: int, capacity_factor: float) -> int:
-    """Slots per bucket when `tokens` tokens share `buckets` buckets (experts, or destination shards):
-    ceil(capacity_factor * tokens / buckets), clipped to [1, tokens] (no bucket can receive more)."""
-    return max(1, min(tokens, math.ceil(capacity_factor * tokens / buckets)))
-
-
-def bucket_slots(bucket: jax.Array, num_buckets: int, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """Each token's slot in a [num_buckets * capacity] buffer (plus one trash slot at num_buckets * capacity).
-
-    bucket [..., T] int (an expert, or a destination shard; ids outside [0, num_buckets), such as the skip class,
-    get no slot) -> (slot [..., T] int32, kept [..., T] bool). A token's slot is bucket * capacity + its rank among
-    the earlier tokens of its bucket along T (first come by position); tokens past capacity go to the trash slot,
-    which callers cut off so that those tokens read back zero."""
-    one_hot = jax.nn.one_hot(bucket, num_buckets, dtype=jnp.int32)  # all zero outside [0, num_buckets)
-    rank = jnp.sum(jnp.cumsum(one_hot, axis=-2) * one_hot, axis=-1) - 1
-    kept = (rank >= 0) & (rank < capacity)
-    return jnp.where(kept, bucket * capacity + rank, num_buckets * capacity).astype(jnp.int32), kept
-
-
-def experts_padded(
-    x: jax.Array, expert: jax.Array, weight: jax.Array, gate_up: jax.Array, down: jax.Array, *, group_size: int,
-    capacity_factor: float,
-) -> tuple[jax.Array, jax.Array]:
-    """x [T, H], expert [T] int (E = no expert: the skip class, which takes no slot), weight [T], groups of
-    `group_size` consecutive tokens -> (y [T, H], dropped tokens int32 []). A token past its expert's capacity in
-    its group gets y = 0 (and no gradient), as a skipped token does."""
-    t, h = x.shape
-    num_experts = gate_up.shape[0]
-    groups = t // group_size
-    capacity = capacity_slots(group_size, num_experts, capacity_factor)
-    expert = expert.reshape(groups, group_size)
-    slot, kept = bucket_slots(expert, num_experts, capacity)  # per group; the skip class takes no slot
-    trash = num_experts * capacity
-    # Per group (vmapped, so the partitioner sees each group write only its own rows): a scatter-add (slots are
-    # unique but the trash one), whose transpose is a plain gather.
-    fill = jax.vmap(lambda rows, slots: jnp.zeros((trash + 1, h), x.dtype).at[slots].add(rows))
-    buffer = fill(x.reshape(groups, group_size, h), slot)
-    buffer = constrain(buffer[:, :trash].reshape(groups, num_experts, capacity, h), "dispatch")
-    hidden = _swiglu(jnp.einsum("gech,ehf->gecf", constrain(buffer, "expert_buffer"), gate_up))
-    out = constrain(constrain(jnp.einsum("geci,eih->gech", hidden, down), "expert_buffer"), "dispatch")
-    out = jnp.concatenate([out.reshape(groups, trash, h), jnp.zeros((groups, 1, h), out.dtype)], axis=1)
-    y = jax.vmap(lambda rows, slots: rows[slots])(out, slot).reshape(t, h)
-    dropped = jnp.sum((expert < num_experts) & ~kept).astype(jnp.int32)
-    return y * weight[:, None].astype(y.dtype), dropped
 
 
 class Experts(nnx.Module):
@@ -132,34 +49,41 @@ class MoE(nnx.Module):
         with jax.named_scope("router"):
             _, choice, weight, router_state = self.router(x, router_state)
         b, s, h = x.shape
-        args = (
-            x.astype(dtype).reshape(b * s, h),
-            jnp.where(choice == cfg.num_experts, 0, choice).reshape(-1),
-            weight.reshape(-1),
-            self.experts.gate_up[...].astype(dtype),
-            self.experts.down[...].astype(dtype),
-        )
+        tokens = x.astype(dtype).reshape(b * s, h)
+        weight = weight.reshape(-1)
+        gate_up, down = self.experts.gate_up[...].astype(dtype), self.experts.down[...].astype(dtype)
+        # The skip class (index E) runs through expert 0 with weight 0, except in "padded", where it takes no slot.
+        expert = jnp.where(choice == cfg.num_experts, 0, choice).reshape(-1)
         with jax.named_scope("experts"):
-            if cfg.moe_impl == "expert_parallel":
-                y, dropped = _expert_parallel(cfg, *args)
-            elif cfg.moe_impl == "padded":
-                y, dropped = experts_padded(args[0], choice.reshape(-1), *args[2:], group_size=s,
+            if cfg.moe_impl == "padded":
+                y, dropped = experts_padded(tokens, choice.reshape(-1), weight, gate_up, down, group_size=s,
                                             capacity_factor=cfg.expert_capacity_factor)
+            elif cfg.moe_impl == "dense":
+                y, dropped = experts_dense(tokens, expert, weight, gate_up, down), jnp.zeros((), jnp.int32)
             else:
-                y, dropped = EXPERT_IMPLS[cfg.moe_impl](*args), jnp.zeros((), jnp.int32)
+                y, dropped = _dispatch(cfg, tokens, expert, weight, gate_up, down)
         return y.reshape(b, s, h), router_state, choice, dropped
 
 
-def _expert_parallel(cfg: ZayaConfig, *args: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Imported here: sharding/ builds on this package (placement imports the model), not the other way round.
-    from sharding.expert_parallel import expert_parallel_ffn
-    from sharding.rules import RULES
-
+def _dispatch(cfg: ZayaConfig, *args: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """moe_impl "sorted" or "expert_parallel" on (x [T, H], expert [T], weight [T], gate_up, down) -> (y, dropped)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "expert" not in mesh.axis_names:
-        raise ValueError("moe_impl 'expert_parallel' needs a mesh with an 'expert' axis: call the model under "
-                         "jax.set_mesh(mesh) (zaya-train does)")
-    return expert_parallel_ffn(
-        *args, mesh=mesh, expert_axis="expert", token_axes=tuple(RULES["batch"]),
-        transport=cfg.expert_parallel_transport, capacity_factor=cfg.expert_capacity_factor,
-    )
+    if mesh.empty:
+        if cfg.moe_impl == "expert_parallel":
+            raise ValueError("moe_impl 'expert_parallel' needs a mesh with an 'expert' axis: call the model under "
+                             "sharding.use_mesh(mesh) (zaya-train does)")
+        return experts_sorted(*args), jnp.zeros((), jnp.int32)
+    token_axes = mesh_axes(("batch", "length"), mesh)
+    if cfg.moe_impl == "expert_parallel":
+        named = tuple(a for a in rule_axes(installed_rules().get("expert")) if a in mesh.axis_names)
+        if len(named) != 1:
+            raise ValueError(f"moe_impl 'expert_parallel' needs the experts on one mesh axis; the logical-axis rules "
+                             f"put them on {named or 'none'} of the mesh axes {mesh.axis_names}")
+        expert_axis = named[0]
+    else:
+        split = mesh_axes(("expert",), mesh)
+        if len(split) > 1:
+            raise ValueError(f"expert dispatch: the experts are split over several mesh axes {split}; one is supported")
+        expert_axis = split[0] if split else None
+    return experts_sharded(*args, mesh=mesh, token_axes=token_axes, expert_axis=expert_axis,
+                           transport=cfg.expert_parallel_transport, capacity_factor=cfg.expert_capacity_factor)

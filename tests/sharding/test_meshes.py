@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding import (MeshConfig, ShardingRuleError, batch_sharding, describe, init_sharded_model, make_mesh,
-                      partition_spec, train_state_shardings)
+from sharding import (RULES, MeshConfig, ShardingRuleError, batch_sharding, describe, init_sharded_model, make_mesh,
+                      partition_spec, train_state_shardings, use_mesh)
 from tests.tolerances import (ADAM_DEPTH, assert_float32_close, cross_entropy_bound, float32_bound, model_depth,
                               model_terms)
 from train.balancer import BalancerConfig
@@ -91,7 +91,7 @@ def test_sharded_training_matches_single_device(mesh_name, moe_impl, transport, 
     state = jax.device_put(state, shardings)
     sharded_batch = jax.device_put(batch, batch_sharding(mesh))
 
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh):
         loss, grads = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(
             graphdef, state.params, state.biases, sharded_batch)
         new_state, metrics = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
@@ -149,7 +149,7 @@ def test_rules_reject_collisions_and_indivisible_axes():
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=4))
     with pytest.raises(ShardingRuleError, match="not divisible by mesh axes \\('expert',\\)"):
         partition_spec("layers/moe/experts/down", (2, 6, 8, 8), mesh)
-    colliding = {**__import__("sharding").RULES, "expert_mlp": "expert"}
+    colliding = {**RULES, "expert_mlp": "expert"}
     with pytest.raises(ShardingRuleError, match="mesh axis 'expert' used twice"):
         partition_spec("layers/moe/experts/down", (2, 8, 8, 8), mesh, colliding)
     with pytest.raises(ShardingRuleError, match="no logical axes"):
@@ -160,13 +160,14 @@ def test_rules_reject_collisions_and_indivisible_axes():
 
 def test_key_activations_carry_their_logical_layout(batch, reference_logits):
     mesh = make_mesh(MESHES["data2_expert4"])
-    from sharding.rules import activation_spec
+    from zaya_jax.axis_rules import activation_spec
 
-    assert activation_spec("residual", mesh) == PartitionSpec(("data", "expert"), None, None)
-    assert activation_spec("logits", make_mesh(MeshConfig(data=4, tensor=2))) == PartitionSpec("data", None, "tensor")
+    assert activation_spec("residual", mesh, RULES) == PartitionSpec(("data", "expert"), None, None)
+    assert activation_spec("logits", make_mesh(MeshConfig(data=4, tensor=2)), RULES) == PartitionSpec("data", None,
+                                                                                                       "tensor")
     model = init_sharded_model(CONFIG, mesh, seed=0)
     graphdef, state = nnx.split(model)
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh):
         logits = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, jax.device_put(batch["tokens"],
                                                                                               batch_sharding(mesh)))
     assert logits.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "expert"), None, None)), 3)
@@ -176,7 +177,8 @@ def test_key_activations_carry_their_logical_layout(batch, reference_logits):
 
 def test_padded_experts_move_tokens_to_the_experts():
     """moe_impl "padded" on data=2 x expert=4: the forward's only collectives are two all-to-alls per layer (the
-    [G, E, C, H] buffer out to its experts' devices and back), where the GSPMD-partitioned "sorted" path gathers."""
+    [G, E, C, H] buffer out to its experts' devices and back); "sorted" moves tokens across the expert axis with
+    all-to-alls too (its shard_map transport), and gathers nothing."""
     import re
 
     mesh = make_mesh(MESHES["data2_expert4"])
@@ -184,11 +186,12 @@ def test_padded_experts_move_tokens_to_the_experts():
 
     def collectives(**changes):
         graphdef, state = nnx.split(init_sharded_model(CONFIG.replace(**changes), mesh, seed=0))
-        with jax.set_mesh(mesh):
+        with use_mesh(mesh):
             hlo = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)).lower(state, ids).compile().as_text()
         return {op: len(re.findall(rf" {op}(-start)?\(", hlo)) for op in ("all-to-all", "all-gather", "all-reduce")}
 
     # One all-to-all each way in the scanned layer body.
     assert collectives(moe_impl="padded", expert_capacity_factor=1.25) == {"all-to-all": 2, "all-gather": 0,
                                                                             "all-reduce": 0}
-    assert collectives(moe_impl="sorted")["all-gather"] > 0
+    sorted_dispatch = collectives(moe_impl="sorted")
+    assert sorted_dispatch["all-gather"] == 0 and sorted_dispatch["all-to-all"] > 0, sorted_dispatch

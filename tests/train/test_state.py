@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from sharding import make_mesh
+from sharding import make_mesh, use_mesh
 from train.config import TrainConfig, load_train_config
 from train.loop import abstract_like, global_batch, setup
 from train.optim import OPTIMIZER_NAMES
@@ -56,7 +56,7 @@ def test_the_step_returns_the_state_it_takes(preset, optimizer, overrides):
     mesh = make_mesh(cfg.mesh)
     abstract = abstract_train_state(cfg, mesh)
     step = jit_train_step(cfg, abstract, mesh)
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh):
         new_state, _ = jax.eval_shape(step, abstract.state, abstract_batch(cfg, mesh))
     (structure, leaves), (new_structure, new_leaves) = _layout(abstract.state), _layout(new_state)
     assert new_structure == structure
@@ -91,7 +91,7 @@ def tiny_run() -> TinyRun:
              "target_mask": np.ones((b, s), np.float32)}
     batch = global_batch(local, mesh)
     initial = abstract_like(state)
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh):
         compiled = step.lower(state, batch).compile()
         for _ in range(3):
             state, metrics = step(state, batch)

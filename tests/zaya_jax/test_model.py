@@ -10,7 +10,7 @@ from flax import nnx
 
 from zaya_jax import BalancingBias, ZayaForCausalLM, init_model, load_preset, parameter_counts
 from tests.tolerances import EXPERT_DEPTH, EXPERT_GRAD_DEPTH, assert_float32_close, model_depth, model_terms
-from zaya_jax.moe import experts_dense, experts_padded, experts_sorted
+from zaya_jax.experts import experts_dense, experts_padded, experts_sorted
 
 
 def test_zaya1_8b_parameter_counts_without_allocating():

@@ -1,4 +1,6 @@
-"""Expert-parallel MoE FFN on 8 CPU devices equals the single-device dense reference, values and gradients.
+"""Expert dispatch on 8 CPU devices equals the single-device dense reference, values and gradients: the
+expert-parallel transports, and the dispatch local to each device's tokens (FSDP, FSDP x expert, a token count that
+does not split over the devices).
 
 ragged_all_to_all has no CPU implementation: the real call must refuse clearly, and its offset/size bookkeeping
 is checked against an all_gather-based emulation of the collective that follows its documented semantics.
@@ -14,10 +16,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-import sharding.expert_parallel as ep
-from sharding.expert_parallel import expert_parallel_ffn
+import zaya_jax.parallel.expert_dispatch as ep
 from tests.tolerances import EXPERT_GRAD_DEPTH, assert_float32_close
-from zaya_jax.moe import experts_dense
+from zaya_jax.experts import experts_dense
+from zaya_jax.parallel.expert_dispatch import expert_parallel_ffn, experts_sharded
 
 T, H, I = 64, 16, 8
 TOKEN_AXES = ("data", "expert")
@@ -213,3 +215,47 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         expert_parallel_ffn(inp["x"], inp["expert"], inp["weight"], inp["gate_up"], inp["down"],
                             mesh=_mesh("data2_expert4"), **kwargs)
+
+
+# Local dispatch: (data, fsdp, expert) mesh, the experts' axis (None: every device holds every expert), tokens.
+LOCAL_CASES = {
+    "fsdp8": ((1, 8, 1), None, T),
+    "fsdp8_uneven": ((1, 8, 1), None, T - 4),  # 60 tokens: padded to 64 inside, 8 per device
+    "fsdp2_expert4": ((1, 2, 4), "expert", T),
+}
+
+
+@pytest.mark.parametrize("case", list(LOCAL_CASES))
+def test_sharded_dispatch_matches_dense_reference(case):
+    """`experts_sharded`, the dispatch the model runs under a mesh: tokens split over every axis, weights FSDP-sharded
+    on their hidden dimension (and over `expert` when it is > 1), as sharding/rules.py lays them out."""
+    shape, expert_axis, tokens = LOCAL_CASES[case]
+    mesh = jax.make_mesh(shape, ("data", "fsdp", "expert"), axis_types=(AxisType.Auto,) * 3)
+    token_axes = ("data", "fsdp", "expert")
+    inp = {k: v[:tokens] if v.shape[0] == T else v for k, v in _inputs(8, "skewed", seed=2).items()}
+    want_y, want_grads = _reference(inp)
+    tok = NamedSharding(mesh, P(token_axes) if tokens % 8 == 0 else P())  # uneven: handed over unsplit
+    placed = {k: jax.device_put(inp[k], tok) for k in ("x", "expert", "weight")}
+    placed["gate_up"] = jax.device_put(inp["gate_up"], NamedSharding(mesh, P(expert_axis, "fsdp", None)))
+    placed["down"] = jax.device_put(inp["down"], NamedSharding(mesh, P(expert_axis, None, "fsdp")))
+    fn = _value_and_grads(lambda x, e, w, gu, d: experts_sharded(x, e, w, gu, d, mesh=mesh, token_axes=token_axes,
+                                                                 expert_axis=expert_axis))
+    (_, (y, dropped)), grads = fn(placed["x"], placed["weight"], placed["gate_up"], placed["down"],
+                                  placed["expert"])
+    assert int(dropped) == 0
+    _check_close("y", np.asarray(y), want_y)
+    for name, g, g_ref in zip(("x", "weight", "gate_up", "down"), grads, want_grads):
+        _check_close(f"d/d{name}", np.asarray(g), g_ref)
+
+
+def test_sharded_dispatch_refuses_bad_arguments():
+    mesh = _mesh("data2_expert4")
+    inp = _inputs(8, "uniform")
+    args = [inp[k] for k in ("x", "expert", "weight", "gate_up", "down")]
+    with pytest.raises(ValueError, match="token axis 'fsdp' is not in the mesh axes"):
+        experts_sharded(*args, mesh=mesh, token_axes=("data", "fsdp"))
+    with pytest.raises(ValueError, match="capacity_factor needs an expert axis"):
+        experts_sharded(*args, mesh=mesh, token_axes=TOKEN_AXES, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="62 tokens do not split"):
+        experts_sharded(*[a[:62] if a.shape[0] == T else a for a in args], mesh=mesh, token_axes=TOKEN_AXES,
+                        expert_axis="expert", capacity_factor=1.0)

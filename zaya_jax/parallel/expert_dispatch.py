@@ -1,14 +1,25 @@
-"""Expert parallelism for the top-1 SwiGLU MoE: experts split over one mesh axis, tokens moved to their experts.
+"""Token dispatch for the top-1 SwiGLU MoE under a mesh: each device dispatches only the tokens it holds.
 
-What it computes (the same y as `zaya_jax.moe.experts_dense`, just distributed):
+What it computes (the same y as `zaya_jax.experts.experts_dense`, just distributed):
 
     x [T, H], expert [T] int, weight [T]              sharded on dim 0 over `token_axes` (e.g. ("data", "expert"))
-    gate_up [E, H, 2I], down [E, I, H]                 sharded on dim 0 over `expert_axis`
+    gate_up [E, H, 2I], down [E, I, H]
     y_t = weight_t * FFN_{expert_t}(x_t)               y [T, H], sharded like x
 
-Inside `jax.shard_map` each device holds t = T / (product of the token-axis sizes) tokens and E / n experts, where
-n = size of `expert_axis`. Expert e lives on expert-shard e // (E / n) as local expert e % (E / n). Tokens are
-split over the expert axis too (the usual EP layout), so every device of an expert group both sends and serves.
+The mesh axes are arguments (the model passes those its logical "batch" and "length" axes map to), so that a
+global batch is never gathered: each device sorts and groups its own t = T / (product of the token-axis sizes)
+tokens, and tokens cross only the expert axis. `experts_sharded` is the entry point the model calls:
+
+- No expert axis: every device runs `experts_sorted` on its t tokens with all E experts' weights (the compiler
+  gathers them from wherever they live, e.g. FSDP shards: that is what FSDP does with every weight). No token
+  leaves its device; the weights' gradients are summed over the token axes.
+- An expert axis of size n > 1: `expert_parallel_ffn`, experts split over that axis, tokens exchanged across it only
+  by one of the transports below.
+
+Expert parallelism (`expert_parallel_ffn`): gate_up and down are sharded on dim 0 over `expert_axis`. Inside
+`jax.shard_map` each device holds t tokens and E / n experts, where n = size of `expert_axis`. Expert e lives on
+expert-shard e // (E / n) as local expert e % (E / n). Tokens are split over the expert axis too (the usual EP
+layout), so every device of an expert group both sends and serves.
 Tokens of the skip class arrive with weight 0 and a valid expert index: they are moved and computed like any other
 token, because d y / d weight_t = FFN(x_t) is needed for the router's gradient even where weight_t = 0.
 
@@ -49,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from zaya_jax.moe import bucket_slots, capacity_slots, experts_sorted
+from zaya_jax.experts import bucket_slots, capacity_slots, experts_sorted
 
 TRANSPORTS = ("all_to_all", "all_gather", "ragged_all_to_all")
 # Platforms whose XLA backend has no ragged_all_to_all (module-level so that a test can emulate the collective).
@@ -175,7 +186,7 @@ def expert_parallel_ffn(
     """y [T, H] = weight * FFN_expert(x) with experts sharded over `expert_axis`; returns (y, dropped).
 
     x [T, H], expert [T] int, weight [T]: global arrays, dim 0 split over `token_axes` (which must include
-    `expert_axis`). gate_up [E, H, 2I], down [E, I, H]: dim 0 split over `expert_axis` (other shardings are
+    `expert_axis` unless that has size 1). gate_up [E, H, 2I], down [E, I, H]: dim 0 split over `expert_axis` (other shardings are
     resharded on entry). y is sharded like x. `dropped` is the int32 number of tokens (over all devices) whose
     output was zeroed for lack of capacity; it is 0 unless transport="all_to_all" with a `capacity_factor`.
     Kept-token rule: on each device, tokens bound for one expert-shard take its C slots in order of position.
@@ -187,7 +198,7 @@ def expert_parallel_ffn(
     for name in (expert_axis, *token_axes):
         if name not in mesh.axis_names:
             raise ValueError(f"expert parallelism: axis {name!r} is not in the mesh axes {mesh.axis_names}")
-    if expert_axis not in token_axes:
+    if expert_axis not in token_axes and mesh.shape[expert_axis] > 1:
         # Tokens replicated over the expert axis would be dispatched once per replica.
         raise ValueError(f"expert parallelism: token_axes {token_axes} must include the expert axis {expert_axis!r}")
     if capacity_factor is not None:
@@ -238,3 +249,50 @@ def expert_parallel_ffn(
         in_specs=(P(token_axes, None), tok, tok, experts, experts),
         out_specs=(P(token_axes, None), P()),
     )(x, expert, weight, gate_up, down)
+
+
+def experts_sharded(
+    x: jax.Array,
+    expert: jax.Array,
+    weight: jax.Array,
+    gate_up: jax.Array,
+    down: jax.Array,
+    *,
+    mesh: Mesh,
+    token_axes: tuple[str, ...],
+    expert_axis: str | None = None,
+    transport: str = "all_to_all",
+    capacity_factor: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """y [T, H] = weight * FFN_expert(x) with every device dispatching only its own tokens; returns (y, dropped).
+
+    x [T, H], expert [T] int, weight [T]: global arrays whose dim 0 is split over the mesh axes `token_axes`.
+    gate_up [E, H, 2I], down [E, I, H]. With `expert_axis` None, each device runs the sorted grouped matmul on its
+    tokens with every expert's weights; with an expert axis, `expert_parallel_ffn` (experts split over it, tokens
+    exchanged across it by `transport`, `capacity_factor` as there). A token count that does not split over
+    `token_axes` (decoding a few rows on many devices) is padded with zero-weight tokens, which take no capacity
+    only when dispatch is dropless, so a capacity factor then is an error. `dropped` is as in `expert_parallel_ffn`.
+    """
+    token_axes = tuple(token_axes)
+    for name in token_axes:
+        if name not in mesh.axis_names:
+            raise ValueError(f"expert dispatch: token axis {name!r} is not in the mesh axes {mesh.axis_names}")
+    num_tokens = x.shape[0]
+    pad = -num_tokens % math.prod(mesh.shape[a] for a in token_axes)
+    if pad:
+        if capacity_factor is not None:
+            raise ValueError(f"expert dispatch: {num_tokens} tokens do not split over {token_axes}; padding them "
+                             f"would take capacity, so a capacity_factor needs a token count that splits")
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        expert, weight = jnp.pad(expert, (0, pad)), jnp.pad(weight, (0, pad))
+    if expert_axis is None:
+        if capacity_factor is not None:
+            raise ValueError("expert dispatch: capacity_factor needs an expert axis (local dispatch is dropless)")
+        tok = P(token_axes or None)
+        y = jax.shard_map(experts_sorted, mesh=mesh, in_specs=(P(token_axes or None, None), tok, tok, P(), P()),
+                          out_specs=P(token_axes or None, None))(x, expert, weight, gate_up, down)
+        dropped = jnp.zeros((), jnp.int32)
+    else:
+        y, dropped = expert_parallel_ffn(x, expert, weight, gate_up, down, mesh=mesh, expert_axis=expert_axis,
+                                         token_axes=token_axes, transport=transport, capacity_factor=capacity_factor)
+    return (y[:num_tokens] if pad else y), dropped
