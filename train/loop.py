@@ -141,6 +141,17 @@ def build_model(cfg: TrainConfig, mesh: Mesh) -> nnx.Module:
 def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Mesh]:
     """-> (graphdef, initial TrainState placed on the mesh, the jitted step, the mesh)."""
     mesh = make_mesh(cfg.mesh)
+    check_batch_shards(cfg, mesh)
+    model = build_model(cfg, mesh)
+    params = nnx.state(model, nnx.Param)
+    optimizer = make_optimizer(cfg.optimizer, params)
+    graphdef, state = init_train_state(model, optimizer, cfg.train.seed)
+    shardings = train_state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    return graphdef, state, jit_train_step(cfg, graphdef, optimizer, shardings, mesh), mesh
+
+
+def check_batch_shards(cfg: TrainConfig, mesh: Mesh) -> None:
     shards = batch_shards(mesh) * cfg.train.accumulation_steps
     if cfg.train.batch_size % shards or cfg.train.batch_size % jax.process_count():
         raise ValueError(
@@ -148,20 +159,18 @@ def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Mesh]:
             f"({batch_shards(mesh)}) x train.accumulation_steps ({cfg.train.accumulation_steps}) and by the "
             f"process count ({jax.process_count()})"
         )
-    model = build_model(cfg, mesh)
-    params = nnx.state(model, nnx.Param)
-    optimizer = make_optimizer(cfg.optimizer, params)
-    graphdef, state = init_train_state(model, optimizer, cfg.train.seed)
-    shardings = train_state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
+
+
+def jit_train_step(cfg: TrainConfig, graphdef: nnx.GraphDef, optimizer, shardings: Any, mesh: Mesh) -> Callable:
+    """The jitted step a run executes (zaya-compile compiles this same one): the state in `shardings`, donated;
+    the batch split over the mesh's batch axes. Call (and lower) it under `jax.set_mesh(mesh)`."""
     step_fn = make_train_step(
         graphdef, optimizer, cfg.balancer, cfg.model.router_classes,
         accumulation_steps=cfg.train.accumulation_steps, z_loss=cfg.train.z_loss,
         learning_rate=make_schedule(cfg.optimizer), loss_chunk=cfg.train.loss_chunk,
     )
-    step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)
-    return graphdef, state, step, mesh
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
