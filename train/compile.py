@@ -14,7 +14,7 @@ shardings: nothing is allocated, so the 8.8B model compiles on a laptop) for the
     model FLOPs per step                                   6 x active params x tokens + causal attention
                                                            (train/loop.py flops_per_token; XLA's cost_analysis
                                                            counts a scanned layer once, and is None for CUDA)
-    compile time
+    compile time                                           tracing, lowering and compiling
 
 A TPU program that does not fit is refused by the compiler itself: that is reported as "does not fit" with the
 compiler's message. Exit status: 0 fits, 1 does not fit, 2 bad input or a compiler that is not installed here.
@@ -85,7 +85,7 @@ class CompileReport:
     collectives_unknown_trip_count: list[str] = dataclasses.field(default_factory=list)
     loop_trip_counts: list[int | None] = dataclasses.field(default_factory=list)  # the program's while loops
     model_flops_per_step: float = 0.0
-    compile_seconds: float = 0.0
+    compile_seconds: float = 0.0  # tracing, lowering and compiling
     expert_groups_within_node: bool | None = None  # multi-node GPU targets
 
 
@@ -111,8 +111,8 @@ def abstract_batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStru
 
 
 def device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard: every shard of a
-    NamedSharding over an evenly divided array is the same size)."""
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (every device holds one equal shard of each
+    leaf: the sharding rules split only dimensions the mesh axes divide)."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(tree))
 
@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config, args.overrides)
         target = parse_target(args.target)
+        if target.platform == "cpu":
+            try:  # a fresh process has one CPU device; give it the target's count before jax starts
+                jax.config.update("jax_num_cpu_devices", target.num_devices)
+            except RuntimeError:
+                pass  # jax already started (e.g. under pytest): target_devices checks the count it has
         if args.margin is not None:
             if not 0.0 <= args.margin < 1.0:
                 raise ValueError(f"--margin must be in [0, 1), got {args.margin}")
