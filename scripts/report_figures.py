@@ -213,6 +213,7 @@ def tolerances() -> None:
     family's bound. A broken variant must land above the bound, the correct one below."""
     from tests.tolerances import (ADAM_DEPTH, EXPERT_GRAD_DEPTH, cross_entropy_bound, float32_bound, model_depth,
                                   model_terms, scaled_error)
+    from tests.zaya_jax.test_model import _cotangent, make_routed_tokens
     from tests.zaya_jax.test_parity import _models
     from zaya_jax.attention import xla_attention
     from zaya_jax.kernels.flash_attention import flash_attention
@@ -225,14 +226,10 @@ def tolerances() -> None:
             print(f"| {family} | {name} | {err:.2e} | {bound:.2e} | {verdict} |")
 
     print("| family | variant | max abs error / max abs reference | bound | check |\n|---|---|---|---|---|")
+    x, expert, weight, gate_up, down = make_routed_tokens()
+    tokens = len(x)
+    cotangent = _cotangent(x.shape)
     rng = np.random.default_rng(0)
-    tokens, hidden, inner, experts = 37, 8, 6, 4
-    x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
-    expert = jnp.asarray(rng.integers(0, experts, tokens), jnp.int32)
-    weight = jnp.asarray(rng.uniform(size=tokens), jnp.float32)
-    gate_up = jnp.asarray(rng.normal(size=(experts, hidden, 2 * inner)), jnp.float32)
-    down = jnp.asarray(rng.normal(size=(experts, inner, hidden)), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
 
     def gate_up_grad(fn, expert=expert, down=down):
         return jax.grad(lambda gu: jnp.sum(fn(x, expert, weight, gu, down) * cotangent))(gate_up)

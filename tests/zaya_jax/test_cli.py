@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -45,5 +46,9 @@ def test_asking_for_a_gpu_on_a_machine_without_one_is_one_line_and_exit_2(comman
     done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
-    assert "JAX could not start a backend for JAX_PLATFORMS='cuda'" in done.stderr
+    lines = done.stderr.splitlines()
+    assert "JAX could not start a backend for JAX_PLATFORMS='cuda'" in lines[-1], done.stderr[-2000:]
+    assert sum(": error:" in line for line in lines) == 1  # one line of ours, last
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        assert len(lines) == 1, done.stderr[-2000:]
+    # else: the CUDA plugin (the .[aot] extra) logs its own failed start-up check above our line

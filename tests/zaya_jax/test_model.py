@@ -39,8 +39,8 @@ def test_layers_run_as_one_scan_so_the_program_does_not_grow_with_depth():
     assert program_size(4) == program_size(40)
 
 
-@pytest.fixture(scope="module")
-def routed_tokens():
+def make_routed_tokens():
+    """37 tokens of width 8 routed among 4 experts of 6 units: (x, expert, weight, gate_up, down)."""
     rng = np.random.default_rng(0)
     tokens, hidden, inner, experts = 37, 8, 6, 4
     x = jnp.asarray(rng.normal(size=(tokens, hidden)), jnp.float32)
@@ -49,6 +49,11 @@ def routed_tokens():
     gate_up = jnp.asarray(rng.normal(size=(experts, hidden, 2 * inner)), jnp.float32)
     down = jnp.asarray(rng.normal(size=(experts, inner, hidden)), jnp.float32)
     return x, expert, weight, gate_up, down
+
+
+@pytest.fixture(scope="module")
+def routed_tokens():
+    return make_routed_tokens()
 
 
 def test_sorted_dispatch_matches_dense_and_numpy_float64(routed_tokens):
