@@ -353,7 +353,9 @@ def test_only_reads_the_named_entries(tmp_path, monkeypatch):
 
 
 def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    # Cut to its first 16 bytes: halving it can leave every chunk this restore reads intact (the file's layout
+    # depends on the order of orbax's concurrent writes), which made the test depend on the run.
+    path.write_bytes(path.read_bytes()[:16])
 
 
 # A cut before a chunk's byte range is an OCDBT range error, a cut inside it a zstd error; a deleted data file reads

@@ -210,7 +210,7 @@ def copied(hf_dir, tmp_path):
 
 
 def test_truncated_file_is_one_error_naming_the_file(copied, capsys):
-    from zaya_jax.cli import generate_main
+    from train.cli import generate_main
 
     file = copied / "model.safetensors"
     os.truncate(file, os.path.getsize(file) - 1000)
