@@ -99,7 +99,8 @@ def test_tiny_step_compiles_for_an_h100_node_with_consistent_figures(h100_report
 def test_a_program_that_does_not_fit_is_refused_with_the_compilers_message(capsys):
     # Tiny made wide, a big batch and no remat: tens of GiB of saved activations per v5e chip (16 GiB).
     argv = ["--config", "configs/tiny.yaml", "--target", "tpu:v5e:2x2",
-            *[f"--set={s}" for s in TINY], "--set=data.seq_len=4096", "--set=train.batch_size=16",
+            *[f"--set={s}" for s in TINY], "--set=data.seq_len=4096", "--set=model.max_position_embeddings=4096",
+            "--set=train.batch_size=64",
             "--set=model.hidden_size=1024", "--set=model.expert_hidden_size=1024"]
     assert main(argv) == 1
     out = capsys.readouterr().out
