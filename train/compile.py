@@ -34,7 +34,6 @@ import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,7 +43,7 @@ from sharding import make_mesh, use_mesh  # noqa: E402
 from train.config import TrainConfig, load_train_config  # noqa: E402
 from train.hlo_collectives import KINDS, collective_bytes  # noqa: E402
 from train.loop import flops_per_token  # noqa: E402
-from train.state import abstract_batch, abstract_train_state, jit_train_step  # noqa: E402
+from train.state import abstract_batch, abstract_train_state, device_bytes, jit_train_step  # noqa: E402
 from train.targets import GIB, Target, TargetError, parse_target, target_devices  # noqa: E402
 
 # Per-compile XLA options by target platform. CUDA: XLA's CUB radix sort (what jnp.argsort in the MoE dispatch
@@ -82,13 +81,6 @@ class CompileReport:
     model_flops_per_step: float = 0.0
     compile_seconds: float = 0.0  # tracing, lowering and compiling
     expert_groups_within_node: bool | None = None  # multi-node GPU targets
-
-
-def device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (every device holds one equal shard of each
-    leaf: the sharding rules split only dimensions the mesh axes divide)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
 
 
 def compile_train_step(cfg: TrainConfig, target: Target) -> CompileReport:

@@ -5,7 +5,7 @@
         gradients        the same shapes and dtypes (the step holds one gradient per parameter)
         optimizer_state  optax's state for those parameters (AdamW: two moments per parameter; Muon: one for the
                          Muon matrices, two for the rest), from `jax.eval_shape` of the optimizer's init
-Each leaf counts once per local device holding a copy of its shard (sharding/placement.py's layout on `mesh`): a
+Each leaf counts once per local device holding a copy of its shard (train/state.py's abstract state on `mesh`): a
 replicated tensor on 8 devices is 8 copies. Nothing is allocated (nnx.eval_shape / jax.eval_shape). Activations,
 the batch and compiler scratch are not counted: the total is a floor, so a run refused by `check_fits` cannot run.
 
@@ -18,17 +18,13 @@ On accelerators, the local devices' `bytes_limit` (memory_stats), when the backe
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import jax
-from flax import nnx
 from jax.sharding import Mesh
 
-from sharding import train_state_shardings
 from train.config import TrainConfig
-from train.optim import make_optimizer
-from zaya_jax.model import ZayaForCausalLM
+from train.state import abstract_train_state, device_bytes
 
 GB = 1e9
 
@@ -51,23 +47,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(cfg: TrainConfig, mesh: Mesh) -> MemoryEstimate:
-    abstract = nnx.eval_shape(lambda: ZayaForCausalLM(cfg.model, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
-    opt_state = jax.eval_shape(make_optimizer(cfg.optimizer, params).init, params)
+    state = abstract_train_state(cfg, mesh).state  # the run's own state layout, not allocated
     local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
-
-    def local_bytes(tree) -> int:
-        shardings = train_state_shardings(tree, mesh)
-        leaves = jax.tree.leaves(tree)
-        total = 0
-        for leaf, sharding in zip(leaves, jax.tree.leaves(shardings), strict=True):
-            shard = sharding.shard_shape(tuple(leaf.shape))
-            total += math.prod(shard) * leaf.dtype.itemsize * local
-        return total
-
-    param_bytes = local_bytes(params)
-    return MemoryEstimate(parameters=param_bytes, gradients=param_bytes, optimizer_state=local_bytes(opt_state),
-                          local_devices=local)
+    param_bytes = device_bytes(state.params) * local
+    return MemoryEstimate(parameters=param_bytes, gradients=param_bytes,
+                          optimizer_state=device_bytes(state.opt_state) * local, local_devices=local)
 
 
 def available_memory() -> tuple[int | None, str]:

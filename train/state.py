@@ -17,9 +17,11 @@ abstract_batch(cfg, mesh))` (under `sharding.use_mesh(mesh)`) compiles the progr
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -102,6 +104,13 @@ def check_batch_size(cfg: TrainConfig, mesh: Mesh) -> None:
             f"({batch_shards(mesh)}) x train.accumulation_steps ({cfg.train.accumulation_steps}) and by the "
             f"process count ({jax.process_count()})"
         )
+
+
+def device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs (every device holds one equal shard
+    of each leaf: the sharding rules split only dimensions the mesh axes divide)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
 
 
 def shardings_of(tree: Any) -> Any:
