@@ -1,11 +1,15 @@
-"""zaya-compile: compile the training step for hardware this machine does not have, and say whether it fits.
+"""zaya-compile: compile the training step (or zaya-generate's programs) for hardware this machine does not have,
+and say whether it fits.
 
     zaya-compile --config configs/zaya1-8b.yaml --target tpu:v5p-128 [--set section.key=value ...] [--json]
+    zaya-compile ... --program generate [--batch B --prompt-len P --max-len T]   prefill + one decode step
+    zaya-compile ... --max-seq [--granule 1024]        the longest data.seq_len that fits one row per device
+    zaya-compile ... --memory-gib G                    a per-device memory instead of the target's (what-if)
 
-The program compiled is the one `zaya-train` runs (train/state.py `jit_train_step`: the same step function, state
-shardings, batch sharding and donation), lowered from an abstract training state (ShapeDtypeStructs carrying their
-shardings: nothing is allocated, so the 8.8B model compiles on a laptop) for the target's compile-only devices
-(train/targets.py). Reported per device:
+--program train (default): the program compiled is the one `zaya-train` runs (train/state.py `jit_train_step`: the
+same step function, state shardings, batch sharding and donation), lowered from an abstract training state
+(ShapeDtypeStructs carrying their shardings: nothing is allocated, so the 8.8B model compiles on a laptop) for the
+target's compile-only devices (train/targets.py). Reported per device:
 
     parameters, optimizer state, batch, rest of the state   from the state's shard shapes
     arguments, outputs, aliased, temporaries, code          from `compiled.memory_analysis()`
@@ -16,8 +20,14 @@ shardings: nothing is allocated, so the 8.8B model compiles on a laptop) for the
                                                            counts a scanned layer once, and is None for CUDA)
     compile time                                           tracing, lowering and compiling
 
+--program generate: zaya-generate's two programs (zaya_jax/generate.py `prefill`, `decode_step`, greedy), each
+compiled and measured as above, with the model's state sharded as in training and the prompt, tokens and KV/conv
+cache split over the batch (`compile_generate`); reported per device: parameters, cache, and per program the
+compiler's figures. --max-seq: `search_max_seq_len`, doubling then bisection over data.seq_len.
+
 A TPU program that does not fit is refused by the compiler itself: that is reported as "does not fit" with the
-compiler's message. Exit status: 0 fits, 1 does not fit, 2 bad input or a compiler that is not installed here.
+compiler's message. Exit status: 0 fits (--max-seq: some length fits), 1 does not fit, 2 bad input or a compiler
+that is not installed here.
 """
 
 from __future__ import annotations
@@ -281,11 +291,12 @@ class SeqSearch:
 
 
 def search_max_seq_len(cfg: TrainConfig, target: Target, granule: int = 1024) -> SeqSearch:
-    """Compiles the training step at data.seq_len = granule, 2 x granule, 4 x ... until it does not fit (or reaches
-    model.max_position_embeddings), then bisects between the last fitting and the first failing length, in
-    granules. One row of seq_len tokens per batch shard (train.batch_size = batch shards x accumulation steps), so
-    each device holds one sequence whole: no context parallelism. The target needs a memory size (a CPU target:
-    --memory-gib)."""
+    """Compiles the training step at data.seq_len (rounded down to a multiple of `granule`, at least one granule),
+    then at twice, four times ... that until it does not fit (or reaches model.max_position_embeddings), or at half,
+    a quarter ... until it fits; then bisects between the longest fitting and the shortest failing length, in
+    granules. A data.seq_len near the answer saves compiles. One row of seq_len tokens per batch shard
+    (train.batch_size = batch shards x accumulation steps), so each device holds one sequence whole: no context
+    parallelism. The target needs a memory size (a CPU target: --memory-gib)."""
     if granule < 1:
         raise ValueError(f"--granule must be >= 1, got {granule}")
     if target.usable_bytes is None:
@@ -306,17 +317,24 @@ def search_max_seq_len(cfg: TrainConfig, target: Target, granule: int = 1024) ->
         tried.append((granules * granule, reports[granules].fits is True))
         return tried[-1][1]
 
-    fitting, failing = 0, None  # in granules
-    size = 1
-    while True:  # doubling
-        if fits(size):
-            fitting = size
-            if size == limit:
+    fitting, failing = 0, None  # in granules; 0: nothing fits yet
+    size = min(max(cfg.data.seq_len // granule, 1), limit)
+    if fits(size):
+        fitting = size
+        while fitting < limit:  # doubling
+            size = min(2 * fitting, limit)
+            if not fits(size):
+                failing = size
                 break
-            size = min(2 * size, limit)
-        else:
+            fitting = size
+    else:
+        failing = size
+        while failing > 1:  # halving
+            size = failing // 2
+            if fits(size):
+                fitting = size
+                break
             failing = size
-            break
     while failing is not None and failing - fitting > 1:  # bisection
         middle = (fitting + failing) // 2
         if fits(middle):

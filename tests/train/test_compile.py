@@ -203,16 +203,19 @@ def _fake_compile(limit: int):
     return compile_step, calls
 
 
-@pytest.mark.parametrize("limit, expected, compiled", [
-    (700, (640, 704), [64, 128, 256, 512, 1024, 768, 640, 704]),  # doubling, then bisection in granules
-    (2048, (2048, None), [64, 128, 256, 512, 1024, 2048]),  # max_position_embeddings (2048) fits
-    (10, (None, 64), [64]),  # not even one granule
+@pytest.mark.parametrize("start, limit, expected, compiled", [
+    (64, 700, (640, 704), [64, 128, 256, 512, 1024, 768, 640, 704]),  # doubling, then bisection in granules
+    (100, 2048, (2048, None), [64, 128, 256, 512, 1024, 2048]),  # max_position_embeddings (2048) fits
+    (64, 10, (None, 64), [64]),  # not even one granule
+    (512, 300, (256, 320), [512, 256, 384, 320]),  # halving from a start that does not fit, then bisection
 ])
-def test_max_seq_search_doubles_then_bisects(monkeypatch, limit, expected, compiled):
+def test_max_seq_search_doubles_then_bisects(monkeypatch, start, limit, expected, compiled):
     compile_step, calls = _fake_compile(limit)
     monkeypatch.setattr(compile_module, "compile_train_step", compile_step)
     target = dataclasses.replace(parse_target("cpu:8"), hbm_bytes=1)
-    search = search_max_seq_len(_tiny(8), target, granule=64)
+    cfg = _tiny(8)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=start))
+    search = search_max_seq_len(cfg, target, granule=64)
     found = tuple(r.tokens_per_device if r else None for r in (search.largest_fitting, search.smallest_not_fitting))
     assert found == expected and calls == compiled
     assert search.tried == [(n, n <= limit) for n in compiled]
