@@ -96,6 +96,7 @@ class CompileReport(CompiledProgram):
     target: str
     devices: int
     mesh: dict[str, int]
+    seq_len: int  # data.seq_len
     tokens_per_device: int
     remat_policy: str
     loss_chunk: int
@@ -116,7 +117,7 @@ def compile_train_step(cfg: TrainConfig, target: Target) -> CompileReport:
     state, batch = setup.state, abstract_batch(cfg, mesh)
     report = CompileReport(
         target=target.name, devices=len(devices), mesh=dict(mesh.shape),
-        tokens_per_device=cfg.train.batch_size * cfg.data.seq_len // len(devices),
+        seq_len=cfg.data.seq_len, tokens_per_device=cfg.train.batch_size * cfg.data.seq_len // len(devices),
         remat_policy=cfg.model.remat_policy, loss_chunk=cfg.train.loss_chunk,
         param_bytes=device_bytes(state.params), opt_state_bytes=device_bytes(state.opt_state),
         batch_bytes=device_bytes(batch),
@@ -290,13 +291,15 @@ class SeqSearch:
     tried: list[tuple[int, bool]]  # (seq_len, fits) in the order compiled
 
 
-def search_max_seq_len(cfg: TrainConfig, target: Target, granule: int = 1024) -> SeqSearch:
+def search_max_seq_len(cfg: TrainConfig, target: Target, granule: int = 1024,
+                       on_compiled: Callable[[CompileReport], None] | None = None) -> SeqSearch:
     """Compiles the training step at data.seq_len (rounded down to a multiple of `granule`, at least one granule),
     then at twice, four times ... that until it does not fit (or reaches model.max_position_embeddings), or at half,
     a quarter ... until it fits; then bisects between the longest fitting and the shortest failing length, in
     granules. A data.seq_len near the answer saves compiles. One row of seq_len tokens per batch shard
     (train.batch_size = batch shards x accumulation steps), so each device holds one sequence whole: no context
-    parallelism. The target needs a memory size (a CPU target: --memory-gib)."""
+    parallelism. The target needs a memory size (a CPU target: --memory-gib). `on_compiled(report)` after each
+    compile (zaya-compile prints a progress line: a search at full size takes many minutes)."""
     if granule < 1:
         raise ValueError(f"--granule must be >= 1, got {granule}")
     if target.usable_bytes is None:
@@ -315,6 +318,8 @@ def search_max_seq_len(cfg: TrainConfig, target: Target, granule: int = 1024) ->
                                       train=dataclasses.replace(cfg.train, batch_size=rows))
         reports[granules] = compile_train_step(seq_cfg, target)
         tried.append((granules * granule, reports[granules].fits is True))
+        if on_compiled is not None:
+            on_compiled(reports[granules])
         return tried[-1][1]
 
     fitting, failing = 0, None  # in granules; 0: nothing fits yet
@@ -404,12 +409,12 @@ def format_generate_report(r: GenerateReport) -> str:
 def format_seq_search(r: SeqSearch) -> str:
     fit, fail = r.largest_fitting, r.smallest_not_fitting
     lines = [f"largest data.seq_len that fits one row per device (multiples of {r.granule}): "
-             f"{fit.tokens_per_device if fit else f'none (not even {r.granule})'}"]
+             f"{fit.seq_len if fit else f'none (not even {r.granule})'}"]
     if fit:
         lines.append(f"  total {_gib(fit.total_bytes)} of {_gib(fit.usable_bytes)} usable "
                      f"(temporaries {_gib(fit.temp_bytes)})")
     if fail:
-        lines.append(f"smallest that does not fit: {fail.tokens_per_device}: "
+        lines.append(f"smallest that does not fit: {fail.seq_len}: "
                      + (f"total {_gib(fail.total_bytes)} (temporaries {_gib(fail.temp_bytes)})"
                         if fail.total_bytes is not None else "refused by the compiler"))
     else:
@@ -506,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             report = compile_generate(cfg, target, settings["batch"], settings["prompt_len"], settings["max_len"])
             fits, text, fields = report.fits, format_generate_report(report), {"fits": report.fits}
         elif args.max_seq:
-            report = search_max_seq_len(cfg, target, 1024 if args.granule is None else args.granule)
+            report = search_max_seq_len(cfg, target, 1024 if args.granule is None else args.granule,
+                                        on_compiled=_print_progress)
             fits, text, fields = report.largest_fitting is not None, format_seq_search(report), {}
         else:
             report = compile_train_step(cfg, target)
@@ -516,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({**dataclasses.asdict(report), **fields}) if args.json else text)
     return 1 if fits is False else 0
+
+
+def _print_progress(r: CompileReport) -> None:
+    verdict = "fits" if r.fits else "does not fit"
+    print(f"zaya-compile: data.seq_len {r.seq_len}: {verdict}, total {_gib(r.total_bytes)} "
+          f"({r.compile_seconds:.0f} s)", file=sys.stderr, flush=True)
 
 
 def check_program_flags(args: argparse.Namespace) -> None:

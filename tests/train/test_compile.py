@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 
 import jax
 import numpy as np
@@ -190,15 +191,16 @@ def test_generation_batch_axes_take_the_batch_axes_that_divide_the_batch():
 
 
 def _fake_compile(limit: int):
-    """compile_train_step's stand-in: a program fits when its data.seq_len is at most `limit`."""
+    """compile_train_step's stand-in: a program needs one byte per token of data.seq_len and has `limit` bytes."""
     calls = []
 
     def compile_step(cfg, target):
         calls.append(cfg.data.seq_len)
         fits = cfg.data.seq_len <= limit
-        return CompileReport(target=target.name, devices=8, mesh={}, tokens_per_device=cfg.data.seq_len,
+        return CompileReport(target=target.name, devices=8, mesh={}, seq_len=cfg.data.seq_len, tokens_per_device=0,
                              remat_policy="none", loss_chunk=0, param_bytes=0, opt_state_bytes=0, batch_bytes=0,
-                             other_state_bytes=0, fits=fits)
+                             other_state_bytes=0, total_bytes=cfg.data.seq_len, hbm_bytes=limit, usable_bytes=limit,
+                             fits=fits)
 
     return compile_step, calls
 
@@ -216,9 +218,24 @@ def test_max_seq_search_doubles_then_bisects(monkeypatch, start, limit, expected
     cfg = _tiny(8)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=start))
     search = search_max_seq_len(cfg, target, granule=64)
-    found = tuple(r.tokens_per_device if r else None for r in (search.largest_fitting, search.smallest_not_fitting))
+    found = tuple(r.seq_len if r else None for r in (search.largest_fitting, search.smallest_not_fitting))
     assert found == expected and calls == compiled
     assert search.tried == [(n, n <= limit) for n in compiled]
+
+
+def test_max_seq_command_line_prints_the_answer_and_its_progress(monkeypatch, capsys):
+    compile_step, calls = _fake_compile(700)
+    monkeypatch.setattr(compile_module, "compile_train_step", compile_step)
+    argv = ["--config", "configs/tiny.yaml", "--target", "cpu:8", "--memory-gib", "1", "--max-seq", "--granule", "64",
+            *[f"--set={s}" for s in TINY]]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "largest data.seq_len that fits one row per device (multiples of 64): 640" in out
+    assert "smallest that does not fit: 704" in out
+    assert err.count("zaya-compile: data.seq_len ") == len(calls) == 8  # one progress line per compile
+    assert main([*argv, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["largest_fitting"]["seq_len"], found["smallest_not_fitting"]["seq_len"]) == (640, 704)
 
 
 def test_max_seq_search_finds_a_length_that_fits_next_to_one_that_does_not():
@@ -230,7 +247,8 @@ def test_max_seq_search_finds_a_length_that_fits_next_to_one_that_does_not():
     search = search_max_seq_len(_tiny(1, "model.num_layers=1", "balancer.enabled=false"), target, granule=64)
     fit, fail = search.largest_fitting, search.smallest_not_fitting
     assert fit is not None and fail is not None
-    assert fail.tokens_per_device == fit.tokens_per_device + 64  # one granule apart, one row per device
+    assert fail.seq_len == fit.seq_len + 64  # one granule apart
+    assert fit.tokens_per_device == fit.seq_len  # one row per device
     assert fit.fits is True and fit.total_bytes <= memory
     assert fail.fits is False and fail.total_bytes > memory
 
