@@ -169,6 +169,10 @@ def target_devices(target: Target) -> list:
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.accelerator_type)
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        # libtpu takes /tmp/libtpu_lockfile so that one process owns a host's chips; compiling claims no chip, and
+        # without this a second zaya-compile (or the test suite) next to a running one fails with "Internal error
+        # when accessing libtpu multi-process lockfile".
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             topology = topologies.get_topology_desc(
                 platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
