@@ -17,7 +17,7 @@ from flax import nnx
 from sharding.rules import PARAM_AXES, path_name
 from train import compile as compile_module
 from train.compile import (CompileReport, compile_generate, compile_train_step, experts_within_node,
-                           generation_batch_axes, main, search_max_seq_len)
+                           format_generate_report, generation_batch_axes, main, search_max_seq_len)
 from train.config import load_train_config
 from train.hlo_collectives import array_bytes, collective_bytes
 from train.targets import TargetError, parse_target, target_devices
@@ -163,6 +163,9 @@ def test_generate_programs_compile_for_cpu_devices_with_the_cache_split_over_the
     assert prefill.output_bytes >= r.cache_bytes  # the prefill returns the cache it fills
     assert r.fits is None  # host memory: no limit unless --memory-gib
     assert prefill.loop_trip_counts.count(cfg.model.num_layers) >= 1  # the layer scan
+    text = format_generate_report(r)
+    assert "batch split over: data" in text and "prefill: 32 tokens per device" in text
+    assert text.count("fits: host memory") == text.count("compile time:") == 2
 
 
 @needs_cuda
