@@ -19,7 +19,7 @@ from flax import nnx
 
 from zaya_jax.axis_rules import installed_rules, mesh_axes, rule_axes
 from zaya_jax.config import ZayaConfig
-from zaya_jax.experts import experts_dense, experts_padded, experts_sorted
+from zaya_jax.experts import experts_dense, experts_gathered, experts_padded, experts_sorted
 from zaya_jax.layers import compute_dtype, dense_init
 from zaya_jax.parallel.expert_dispatch import experts_sharded
 from zaya_jax.router import Router
@@ -72,7 +72,11 @@ def _dispatch(cfg: ZayaConfig, *args: jax.Array) -> tuple[jax.Array, jax.Array]:
         if cfg.moe_impl == "expert_parallel":
             raise ValueError("moe_impl 'expert_parallel' needs a mesh with an 'expert' axis: call the model under "
                              "sharding.use_mesh(mesh) (zaya-train does)")
-        return experts_sorted(*args), jnp.zeros((), jnp.int32)
+        tokens, num_experts = args[0].shape[0], args[3].shape[0]
+        # Fewer tokens than experts (decoding, short prompts): gathering their experts' weights reads less than the
+        # grouped matmul, which on XLA:CPU computes every expert for every token.
+        dispatch = experts_gathered if tokens < num_experts else experts_sorted
+        return dispatch(*args), jnp.zeros((), jnp.int32)
     token_axes = mesh_axes(("batch", "length"), mesh)
     if cfg.moe_impl == "expert_parallel":
         named = tuple(a for a in rule_axes(installed_rules().get("expert")) if a in mesh.axis_names)
