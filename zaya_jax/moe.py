@@ -2,7 +2,8 @@
 
     x [B, S, H] (normed), router_state [B, S, R] -> y [B, S, H], new router state, choice [B, S], dropped []
 
-On one device the experts run as `zaya_jax.experts` computes them ("sorted": grouped matmul; "dense": every expert;
+On one device the experts run as `zaya_jax.experts` computes them ("sorted": grouped matmul, or with fewer tokens
+than experts each token's gathered expert weights; "dense": every expert;
 "padded": capacity-padded einsum; "expert_parallel" needs a mesh). Under a mesh (`jax.set_mesh` with the
 logical-axis rules installed, see `zaya_jax.axis_rules`), "sorted" and "expert_parallel" dispatch on every device
 only the tokens it holds (`zaya_jax.parallel.expert_dispatch.experts_sharded`), the tokens being split over the
