@@ -32,7 +32,8 @@ from zaya_jax.attention import attend, attend_cached, pallas_interpret
 from zaya_jax.cache import LayerCache
 from zaya_jax.config import ZayaConfig
 from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
-from zaya_jax.layers import apply_partial_rope, compute_dtype, constant_param, dense_init, rotary_embedding
+from zaya_jax.layers import (apply_partial_rope, compute_dtype, constant_param, dense_init, matmul,
+                             rotary_embedding)
 
 
 class CCAttention(nnx.Module):
@@ -71,8 +72,8 @@ class CCAttention(nnx.Module):
         b, s, _ = x.shape
         d, hkv = cfg.head_dim, cfg.kv_heads
         x = x.astype(dtype)
-        q0 = x @ self.q_proj[...].astype(dtype)
-        k0 = x @ self.k_proj[...].astype(dtype)
+        q0 = matmul(x, self.q_proj[...])
+        k0 = matmul(x, self.k_proj[...])
         cos, sin = rotary_embedding(positions, cfg.rotary_dim, cfg.rope_theta)
         params = PrologueParams(self.conv_depthwise[...], self.conv_depthwise_bias[...], self.conv_grouped[...],
                                 self.conv_grouped_bias[...], self.temperature[...])
@@ -83,8 +84,8 @@ class CCAttention(nnx.Module):
         else:
             q, k = prologue_reference(q0, k0, segment_ids, cos, sin, params, conv_history)
 
-        v_cur = x @ self.v_current[...].astype(dtype)
-        v_del = x @ self.v_delayed[...].astype(dtype)
+        v_cur = matmul(x, self.v_current[...])
+        v_del = matmul(x, self.v_delayed[...])
         if value_history is None:
             value_history = jnp.zeros_like(v_del[:, 0])
         prev = jnp.concatenate([value_history[:, None].astype(dtype), v_del[:, :-1]], axis=1)
@@ -139,7 +140,7 @@ class CCAttention(nnx.Module):
 
     def _output(self, out: jax.Array) -> jax.Array:
         dtype = compute_dtype(self.config)
-        return out.reshape(*out.shape[:2], -1) @ self.o_proj[...].astype(dtype)
+        return matmul(out.reshape(*out.shape[:2], -1).astype(dtype), self.o_proj[...])
 
 
 def prologue_reference(q0: jax.Array, k0: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array,

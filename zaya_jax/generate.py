@@ -1,4 +1,5 @@
-"""Cached decoding: prefill the prompt once, then one compiled `lax.while_loop` of single-token steps.
+"""Cached decoding: prefill the prompt once (one compiled program), then a compiled `lax.while_loop` of
+single-token steps (a second one).
 
     generate(model, input_ids [B, P], max_new_tokens=N, attention_mask [B, P] (left padding), temperature,
              top_k, top_p, stop_tokens, seed) -> GenerateOutput(tokens [B, N] int32, lengths [B] int32)
@@ -174,11 +175,14 @@ def generate_ids(
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
               stops: tuple[int, ...], pad_id: int, stream: bool):
+    """run(state, input_ids, mask, key) -> GenerateOutput: two compiled programs, the prefill (prompt -> cache and
+    first token) and the decode loop, so the first token does not wait for the loop's compilation (nor, with
+    max_new_tokens=1, compile it at all)."""
     stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)
     sampling = Sampling(temperature, top_k, top_p)
 
     @jax.jit
-    def run(state, input_ids, mask, key):
+    def first_token(state, input_ids, mask, key):
         model = nnx.merge(graphdef, state)
         batch, prompt_len = input_ids.shape
         token, position, cache, key = prefill(model, input_ids, mask, prompt_len + max_new_tokens, key, sampling)
@@ -187,6 +191,11 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
         if stream:
             io_callback(_emit, None, token, jnp.zeros_like(done), ordered=True)
         lengths = jnp.ones((batch,), jnp.int32)
+        return jnp.ones((), jnp.int32), token, position, cache, done, out, lengths, key
+
+    @jax.jit
+    def decode(state, carry):
+        model = nnx.merge(graphdef, state)
 
         def cond(carry):
             i, _, _, _, done, _, _, _ = carry
@@ -203,8 +212,11 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
             done = done | jnp.isin(new, stop_ids)
             return i + 1, new, position, cache, done, out, lengths, key
 
-        carry = (jnp.ones((), jnp.int32), token, position, cache, done, out, lengths, key)
         _, _, _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, carry)
         return GenerateOutput(out, lengths)
+
+    def run(state, input_ids, mask, key):
+        carry = first_token(state, input_ids, mask, key)
+        return GenerateOutput(carry[5], carry[6]) if max_new_tokens == 1 else decode(state, carry)
 
     return run

@@ -2,7 +2,8 @@
 
     x [B, S, H] (normed), router_state [B, S, R] -> y [B, S, H], new router state, choice [B, S], dropped []
 
-On one device the experts run as `zaya_jax.experts` computes them ("sorted": grouped matmul; "dense": every expert;
+On one device the experts run as `zaya_jax.experts` computes them ("sorted": grouped matmul, or with fewer tokens
+than experts each token's gathered expert weights; "dense": every expert;
 "padded": capacity-padded einsum; "expert_parallel" needs a mesh). Under a mesh (`jax.set_mesh` with the
 logical-axis rules installed, see `zaya_jax.axis_rules`), "sorted" and "expert_parallel" dispatch on every device
 only the tokens it holds (`zaya_jax.parallel.expert_dispatch.experts_sharded`), the tokens being split over the
@@ -19,7 +20,7 @@ from flax import nnx
 
 from zaya_jax.axis_rules import installed_rules, mesh_axes, rule_axes
 from zaya_jax.config import ZayaConfig
-from zaya_jax.experts import experts_dense, experts_padded, experts_sorted
+from zaya_jax.experts import experts_dense, experts_gathered, experts_padded, experts_sorted
 from zaya_jax.layers import compute_dtype, dense_init
 from zaya_jax.parallel.expert_dispatch import experts_sharded
 from zaya_jax.router import Router
@@ -72,7 +73,11 @@ def _dispatch(cfg: ZayaConfig, *args: jax.Array) -> tuple[jax.Array, jax.Array]:
         if cfg.moe_impl == "expert_parallel":
             raise ValueError("moe_impl 'expert_parallel' needs a mesh with an 'expert' axis: call the model under "
                              "sharding.use_mesh(mesh) (zaya-train does)")
-        return experts_sorted(*args), jnp.zeros((), jnp.int32)
+        tokens, num_experts = args[0].shape[0], args[3].shape[0]
+        # Fewer tokens than experts (decoding, short prompts): gathering their experts' weights reads less than the
+        # grouped matmul, which on XLA:CPU computes every expert for every token.
+        dispatch = experts_gathered if tokens < num_experts else experts_sorted
+        return dispatch(*args), jnp.zeros((), jnp.int32)
     token_axes = mesh_axes(("batch", "length"), mesh)
     if cfg.moe_impl == "expert_parallel":
         named = tuple(a for a in rule_axes(installed_rules().get("expert")) if a in mesh.axis_names)
