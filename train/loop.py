@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from sharding import batch_sharding, init_sharded_model, make_mesh, use_mesh
 from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, DamagedCheckpointError
 from train.config import DataConfig, TrainConfig
 from train.data import is_empty_record, load_tokenizer, make_dataset, open_source, pipeline_counters
 from train.data.hosts import HostBatches
@@ -195,8 +195,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
         )
         resume_step = checkpointer.latest_step() if run.resume else None
         if primary:
-            print("\n".join([*run_description(cfg, mesh, memory, config_name), start_line(run, resume_step)]),
-                  flush=True)
+            print("\n".join(run_description(cfg, mesh, memory, config_name)), flush=True)
             for warning in config_warnings(cfg):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
         graphdef, state, step_fn, mesh = setup(cfg)
@@ -219,12 +218,20 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
 
         start_step = 0
         if resume_step is not None:
-            start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)))
+            damaged: list[DamagedCheckpointError] = []
+            start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)),
+                                                                     on_damaged=damaged.append)
             state = from_nested_dict(state, nested)
             data_iter.set_state(data_state)
+            for error in damaged:  # moved aside, not deleted, so that this run can save those steps again
+                kept = checkpointer.set_aside(error.step)
+                if primary:
+                    print(f"zaya-train: warning: {error}; resuming from step {start_step}, the newest step that "
+                          f"restores cleanly; the damaged step is kept as {kept}", file=sys.stderr, flush=True)
         # Written only once the checkpoint is known to fit this configuration: a failed resume into a different
         # architecture must not leave a config.yaml that no longer describes the run's checkpoints.
         if primary:
+            print(start_line(run, start_step if resume_step is not None else None), flush=True)
             write_config(cfg, run.run_dir)
     except BaseException:
         if checkpointer is not None:
