@@ -51,6 +51,7 @@ from train.step import BATCH_DTYPES, TrainState
 from zaya_jax.attention import check_backend
 from zaya_jax.config import load_yaml
 from zaya_jax.hf_io import load_pretrained, read_config
+from zaya_jax.kernels import check_tiles
 from zaya_jax.model import parameter_counts
 
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "moe_impl", "expert_parallel_transport",
@@ -174,6 +175,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     start_time = time.perf_counter()
     run = cfg.train
     check_backend(cfg.model.attention_impl)  # before the run directory is written
+    check_tiles(cfg.model, jax.default_backend())
     primary = jax.process_index() == 0  # one process writes the run's files; every process checkpoints (orbax)
 
     tokenizer = load_tokenizer(None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer)
