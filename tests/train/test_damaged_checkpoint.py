@@ -54,7 +54,8 @@ def _data_files(run_dir: Path, step: int) -> list[Path]:
 
 def _abstract_state(run_dir: Path, step: int):
     """The saved tree's shapes and dtypes, read with orbax directly (independent of the code under test)."""
-    tree = ocp.StandardCheckpointer().metadata(_state_dir(run_dir, step)).tree
+    metadata = ocp.StandardCheckpointer().metadata(_state_dir(run_dir, step)).item_metadata
+    tree = getattr(metadata, "tree", metadata)
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
 
 
