@@ -146,3 +146,18 @@ def test_a_width_the_mesh_cannot_split_is_refused_naming_the_rule(tmp_path, caps
                        "--set", f"train.run_dir={run_dir}"]) == 2
     assert "embed: dim 1 ('embed', size 63) is not divisible by mesh axes ('fsdp',) (2 ways)" in _one_line_error(capsys)
     assert not run_dir.exists()
+
+
+def test_a_validation_loss_without_held_out_data_is_refused(tmp_path, capsys):
+    # A file source has no held-out split: evaluating on the training file itself would not be a validation loss.
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "a document"}\n')
+    assert train_main(["--config", TINY, "--set", f"data.source={path}", "--set", "train.eval_every=10"]) == 2
+    assert ("train.eval_every (10) needs held-out data: set data.validation_source to a held-out file"
+            in _one_line_error(capsys))
+    assert train_main(["--config", TINY, "--set", "train.eval_every=-1"]) == 2
+    assert "train.eval_every must be >= 0 (0 = no validation loss), got -1" in _one_line_error(capsys)
+    held_out = load_train_config(TINY, [f"data.source={path}", "train.eval_every=10",
+                                        f"data.validation_source={path}"])
+    assert held_out.data.resolved_validation_source == str(path)
+    assert load_train_config(TINY).data.resolved_validation_source == "synthetic:heldout"
