@@ -200,7 +200,9 @@ def load_run_model(run_dir: str, *, step: int | None = None):
         graphdef, template, _, _ = setup(cfg)
         wanted = ("params", "biases")
         abstract = {k: v for k, v in to_nested_dict(abstract_like(template)).items() if k in wanted}
-        used, nested, _, _ = checkpointer.restore(abstract, step=step, only=wanted, on_damaged=damaged.append)
+        # Falling back is for the default step only: a damaged --step N is the error, with the other steps named.
+        used, nested, _, _ = checkpointer.restore(abstract, step=step, only=wanted,
+                                                  on_damaged=damaged.append if step is None else None)
     except DamagedCheckpointError as e:
         if step is None:  # every step was tried
             raise

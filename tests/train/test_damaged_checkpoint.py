@@ -114,6 +114,7 @@ def test_export_and_generate_fall_back_and_a_damaged_step_asked_for_is_one_line(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "checkpoint step 4 in " in err and re.search(CAUSES, err)
         assert err.rstrip().endswith("choose another step with --step N (other complete steps: 2)")
+        assert "older step" not in err  # no fallback was tried: the step was asked for
 
 
 def test_the_exported_folder_carries_the_tokenizer(run, tmp_path, capsys):
