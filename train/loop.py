@@ -279,7 +279,8 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
             step += 1
             skipped_total += skipped
             consecutive_bad = consecutive_bad + 1 if skipped else 0
-            eval_due = run.eval_every > 0 and step % run.eval_every == 0
+            eval_due = (run.eval_every > 0 and step % run.eval_every == 0
+                        and cfg.data.resolved_validation_source is not None)  # else warned at the start
             if step % run.log_every == 0 or step == run.steps or step == start_step + 1 or skipped or eval_due:
                 host = jax.device_get(metrics)
                 loss = float(host["loss"])
