@@ -5,10 +5,11 @@
     zaya-generate --model PATH --prompt TEXT [--prompt TEXT ...]
     zaya-rsa      --model PATH --question TEXT | --synthetic K
 
-zaya-generate loads a transformers-format directory (config.json + safetensors) or a zaya-train run directory (its
-latest checkpoint) and decodes with the cache, streaming the text of a single prompt as it is generated. zaya-rsa
-runs Markovian RSA with per-round statistics, on given questions or on K held-out problems of the embedded synthetic
-task (scored). Both live here, not in zaya_jax/cli.py, because run directories need the training package.
+zaya-generate loads a transformers-format directory (config.json + safetensors) or a zaya-train run directory (the
+parameters of its newest intact checkpoint) and decodes with the cache, streaming the text of a single prompt as it
+is generated. zaya-rsa runs Markovian RSA with per-round statistics, on given questions or on K held-out problems of
+the embedded synthetic task (scored). Both live here, not in zaya_jax/cli.py, because run directories need the
+training package.
 
 Errors a user can cause (a missing file, a bad config value, an unknown key) print one line and exit with status 2.
 """
@@ -137,7 +138,7 @@ def export_main(argv: list[str] | None = None) -> int:
                                      "(config.json + safetensors) from a zaya-train run directory.")
     parser.add_argument("--checkpoint", required=True, help="a zaya-train run directory")
     parser.add_argument("--out", required=True, help="output directory (transformers format)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="dtype of the written tensors (default: the run's parameter dtype)")
     parser.add_argument("--max-shard-size", default="5GB")
@@ -153,10 +154,15 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def export_run(run_dir: str, out: str, *, step: int | None = None, dtype: str | None = None,
                max_shard_size: str | int = "5GB") -> None:
+    """Writes the run's parameters (config.json + safetensors) and its tokenizer (tokenizer.json +
+    tokenizer_config.json), so `out` works with zaya-generate and transformers without further flags."""
     from zaya_jax.hf_io import save_pretrained
+    from zaya_jax.tokenizers import save_tokenizer
 
-    model, _ = load_run_model(run_dir, step=step)
+    model, cfg = load_run_model(run_dir, step=step)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)  # before writing anything: a missing tokenizer file stops here
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype)
+    save_tokenizer(tokenizer, out)
     follow_umask(out)
 
 
@@ -172,10 +178,12 @@ def follow_umask(path: str) -> None:
 
 
 def load_run_model(run_dir: str, *, step: int | None = None):
-    """(model, TrainConfig) from a zaya-train run directory's checkpoint (`step`, default the latest)."""
+    """(model, TrainConfig) from a zaya-train run directory's checkpoint `step` (default: the newest step that
+    restores cleanly). Only the parameters and routing biases are read; the step used, and any newer damaged step
+    passed over, are reported on stderr."""
     from flax import nnx
 
-    from train.checkpoint import Checkpointer
+    from train.checkpoint import Checkpointer, DamagedCheckpointError
     from train.loop import abstract_like, from_nested_dict, setup, to_nested_dict
 
     config_path = os.path.join(run_dir, "config.yaml")
@@ -184,15 +192,32 @@ def load_run_model(run_dir: str, *, step: int | None = None):
     cfg: TrainConfig = load_train_config(config_path)
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), save_every=cfg.train.save_every,
                                 keep=cfg.train.keep_checkpoints, async_save=False)
+    damaged: list[DamagedCheckpointError] = []
     try:
-        if checkpointer.latest_step() is None:
+        steps = checkpointer.all_steps()
+        if not steps:
             raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/")
         graphdef, template, _, _ = setup(cfg)
-        _, nested, _, _ = checkpointer.restore(to_nested_dict(abstract_like(template)), step=step)
+        wanted = ("params", "biases")
+        abstract = {k: v for k, v in to_nested_dict(abstract_like(template)).items() if k in wanted}
+        # Falling back is for the default step only: a damaged --step N is the error, with the other steps named.
+        used, nested, _, _ = checkpointer.restore(abstract, step=step, only=wanted,
+                                                  on_damaged=damaged.append if step is None else None)
+    except DamagedCheckpointError as e:
+        if step is None:  # every step was tried
+            raise
+        others = ", ".join(str(s) for s in steps if s != e.step) or "none"
+        raise DamagedCheckpointError(e.directory, e.step, f"{e.cause}; choose another step with --step N "
+                                     f"(other complete steps: {others})") from None
     finally:
         checkpointer.close()
-    state = from_nested_dict(template, nested)
-    return nnx.merge(graphdef, state.params, state.biases), cfg
+    for e in damaged:
+        print(f"warning: {e}; using step {used}, the newest step that restores cleanly (choose another with "
+              f"--step N)", file=sys.stderr)
+    print(f"loaded the parameters of checkpoint step {used} of {run_dir}", file=sys.stderr)
+    params = from_nested_dict(template.params, nested["params"])
+    biases = from_nested_dict(template.biases, nested["biases"])
+    return nnx.merge(graphdef, params, biases), cfg
 
 
 def load_for_inference(path: str, tokenizer_spec: str | None = None,
@@ -224,7 +249,8 @@ def load_for_inference(path: str, tokenizer_spec: str | None = None,
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="transformers-format directory or zaya-train run directory")
-    parser.add_argument("--step", type=int, default=None, help="run directory: checkpoint step (default: latest)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="run directory: checkpoint step (default: the newest intact one)")
     parser.add_argument("--tokenizer", default=None,
                         help="'byte' or a tokenizer.json path (default: the run's, or the directory's own)")
 

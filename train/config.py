@@ -43,6 +43,11 @@ class DataConfig:
     eval_source: str = "synthetic:heldout"  # held-out source for the end-of-run answer accuracy
     eval_samples: int = 64  # held-out problems decoded greedily at the end of the run; 0 = no evaluation
     eval_max_new_tokens: int = 96  # decode budget per held-out problem
+    # Held-out data for the validation loss (train.eval_every): a source spec like data.source. "" = the synthetic
+    # held-out split of a synthetic data.source; a file data.source has none: without a file here, no validation
+    # loss (a start-up warning says so).
+    validation_source: str = ""
+    validation_batches: int = 2  # batches (train.batch_size x seq_len) the validation loss averages over
 
     def __post_init__(self) -> None:
         check_field_types(self, "data")
@@ -56,11 +61,20 @@ class DataConfig:
             raise ValueError(f"data.packing must be one of {PACKINGS}, got {self.packing!r}")
         if self.read_shards < 0:
             raise ValueError(f"data.read_shards must be >= 0, got {self.read_shards}")
-        for name in ("pack_buffer_size", "eval_max_new_tokens"):
+        for name in ("pack_buffer_size", "eval_max_new_tokens", "validation_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_samples < 0:
             raise ValueError(f"data.eval_samples must be >= 0, got {self.eval_samples}")
+
+    @property
+    def resolved_validation_source(self) -> str | None:
+        """The validation loss's source: data.validation_source, else the synthetic source's held-out split; None
+        for a file source without one."""
+        if self.validation_source:
+            return self.validation_source
+        kind = self.source.split(":")[0]
+        return f"{kind}:heldout" if kind in ("synthetic", "synthetic-rsa") else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,9 @@ class RunConfig:
     step_timeout_s: float = 600.0  # watchdog: exit (status 3) when no step completes for this long; 0 = off
     first_step_timeout_s: float = 3600.0  # the same for the first step, which includes compilation
     peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate; 0 = look up the device kind
+    # Steps between validation losses on data.validation_source (at every multiple: metrics.jsonl "val_loss",
+    # TensorBoard, loss.png); 0 = off.
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self, "train")
@@ -98,6 +115,8 @@ class RunConfig:
             raise ValueError(f"train.step_timeout_s must be >= 0, got {self.step_timeout_s}")
         if self.z_loss < 0:
             raise ValueError(f"train.z_loss must be >= 0, got {self.z_loss}")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0 (0 = no validation loss), got {self.eval_every}")
         if self.loss_chunk < 0:
             raise ValueError(f"train.loss_chunk must be >= 0 (0 = the whole sequence at once), got {self.loss_chunk}")
 

@@ -56,6 +56,12 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
             f"(min_lr_ratio x lr = {opt.min_lr_ratio * opt.lr:.3g}); raise optimizer.total_steps to stretch the "
             "schedule over the run"
         )
+    if run.eval_every > 0 and cfg.data.resolved_validation_source is None:
+        warnings.append(
+            f"train.eval_every ({run.eval_every}) asks for a validation loss, but data.source {cfg.data.source!r} has "
+            "no held-out split and data.validation_source is empty: no validation loss is computed; set "
+            "data.validation_source to a held-out file (or train.eval_every=0)"
+        )
     return warnings
 
 

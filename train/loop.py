@@ -4,9 +4,10 @@ Run directory layout (`train.run_dir`):
     config.yaml           the resolved configuration (one that differs from an earlier run's is reported, then
                           replaced)
     checkpoints/<step>/   orbax checkpoints: the TrainState (as a nested dict of arrays), the data iterator state
-    metrics.jsonl         one line per logged step (loss, grad norm, lr, tokens/s, per-layer routing metrics)
+    metrics.jsonl         one line per logged step (loss, grad norm, lr, tokens/s, per-layer routing metrics; val_loss
+                          every train.eval_every steps, train/evaluate.py)
     summary.json          first/last loss, held-out accuracy, wall time, data counters
-    loss.png, expert_load.png, balancer_biases.png, routing_entropy.png
+    loss.png (training and validation loss, learning rate), expert_load.png, balancer_biases.png, routing_entropy.png
 
 Start: a banner (config, parameter counts, devices and mesh, tokens per step, memory estimate, run directory, the
 step it starts or resumes from), after a check that the training state fits this machine's memory (train/memory.py).
@@ -36,7 +37,7 @@ from jax.sharding import Mesh
 from sharding import batch_sharding, init_sharded_model, make_mesh, use_mesh
 from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, DamagedCheckpointError
 from train.config import DataConfig, TrainConfig
 from train.data import (
     is_empty_record,
@@ -49,7 +50,7 @@ from train.data import (
 from train.data.hosts import HostBatches
 from train.data.synthetic import answer_accuracy
 from train.describe import config_changes, config_warnings, run_description, start_line
-from train.evaluate import greedy_completions
+from train.evaluate import greedy_completions, make_validation_loss, validation_batches, validation_loss
 from train.memory import check_fits, estimate_memory
 from train.metrics import MetricsWriter, ProgressBar
 from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_loss_curve, plot_routing_entropy
@@ -58,6 +59,7 @@ from train.step import BATCH_DTYPES, TrainState
 from zaya_jax.attention import check_backend
 from zaya_jax.config import load_yaml
 from zaya_jax.hf_io import load_pretrained, read_config
+from zaya_jax.kernels import check_tiles
 from zaya_jax.model import parameter_counts
 
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "moe_impl", "expert_parallel_transport",
@@ -181,6 +183,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     start_time = time.perf_counter()
     run = cfg.train
     check_backend(cfg.model.attention_impl)  # before the run directory is written
+    check_tiles(cfg.model, jax.default_backend())
     primary = jax.process_index() == 0  # one process writes the run's files; every process checkpoints (orbax)
 
     tokenizer = load_tokenizer(None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer)
@@ -202,8 +205,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
         )
         resume_step = checkpointer.latest_step() if run.resume else None
         if primary:
-            print("\n".join([*run_description(cfg, mesh, memory, config_name), start_line(run, resume_step)]),
-                  flush=True)
+            print("\n".join(run_description(cfg, mesh, memory, config_name)), flush=True)
             for warning in config_warnings(cfg):
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
         graphdef, state, step_fn, mesh = setup(cfg)
@@ -226,12 +228,20 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
 
         start_step = 0
         if resume_step is not None:
-            start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)))
+            damaged: list[DamagedCheckpointError] = []
+            start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)),
+                                                                     on_damaged=damaged.append)
             state = from_nested_dict(state, nested)
             data_iter.set_state(data_state)
+            for error in damaged:  # moved aside, not deleted, so that this run can save those steps again
+                kept = checkpointer.set_aside(error.step)
+                if primary:
+                    print(f"zaya-train: warning: {error}; resuming from step {start_step}, the newest step that "
+                          f"restores cleanly; the damaged step is kept as {kept}", file=sys.stderr, flush=True)
         # Written only once the checkpoint is known to fit this configuration: a failed resume into a different
         # architecture must not leave a config.yaml that no longer describes the run's checkpoints.
         if primary:
+            print(start_line(run, start_step if resume_step is not None else None), flush=True)
             write_config(cfg, run.run_dir)
     except BaseException:
         if checkpointer is not None:
@@ -254,9 +264,10 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     tokens_per_step = run.batch_size * cfg.data.seq_len
     model_flops = flops_per_token(cfg) * tokens_per_step
     peak = peak_flops(cfg)
-    history: dict[str, list] = {"step": [], "loss": [], "expert_load": [], "balancing_bias": [],
-                                "routing_entropy": []}
+    history: dict[str, list] = {"step": [], "loss": [], "lr": [], "expert_load": [], "balancing_bias": [],
+                                "routing_entropy": [], "val_step": [], "val_loss": []}
     first_loss = last_loss = None
+    validation = None  # (held-out batches, jitted loss), on the first evaluation
     consecutive_bad = skipped_total = 0
     step = start_step
     step_times: list[float] = []
@@ -275,7 +286,9 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
             step += 1
             skipped_total += skipped
             consecutive_bad = consecutive_bad + 1 if skipped else 0
-            if step % run.log_every == 0 or step == run.steps or step == start_step + 1 or skipped:
+            eval_due = (run.eval_every > 0 and step % run.eval_every == 0
+                        and cfg.data.resolved_validation_source is not None)  # else warned at the start
+            if step % run.log_every == 0 or step == run.steps or step == start_step + 1 or skipped or eval_due:
                 host = jax.device_get(metrics)
                 loss = float(host["loss"])
                 first_loss = loss if first_loss is None else first_loss
@@ -286,11 +299,22 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
                 # z_loss is the term z_loss x mean(logsumexp^2): not part of the objective while its weight is 0.
                 record = {k: v for k, v in host.items() if k != "z_loss" or run.z_loss > 0}
                 record.update(tokens_per_s=tokens_per_s, mfu=mfu)
+                if eval_due:
+                    if validation is None:  # built once: the same held-out batches and one compiled loss throughout
+                        validation = ([global_batch(b, mesh) for b in validation_batches(cfg, tokenizer)],
+                                      make_validation_loss(graphdef, run.loss_chunk))
+                    with use_mesh(mesh):
+                        record["val_loss"] = validation_loss(validation[1], state.params, state.biases,
+                                                             validation[0])
+                    history["val_step"].append(step)
+                    history["val_loss"].append(record["val_loss"])
                 if primary:
                     writer.write(step, record)
-                    progress.update(step, loss, tokens_per_s, mfu)
+                    progress.update(step, loss, tokens_per_s, mfu,
+                                    {"val_loss": record["val_loss"]} if eval_due else None)
                 history["step"].append(step)
                 history["loss"].append(loss)
+                history["lr"].append(float(host["lr"]))
                 history["expert_load"].append(np.asarray(host["expert_load"]))
                 history["balancing_bias"].append(np.asarray(host["balancing_bias"]))
                 history["routing_entropy"].append(np.asarray(host["routing_entropy"]))
@@ -414,7 +438,8 @@ def heldout_accuracy(cfg: TrainConfig, graphdef: nnx.GraphDef, state: TrainState
 
 def write_plots(run_dir: str, history: dict[str, list], accuracy: float | None) -> None:
     steps = history["step"]
-    plot_loss_curve(steps, history["loss"], os.path.join(run_dir, "loss.png"))
+    plot_loss_curve(steps, history["loss"], os.path.join(run_dir, "loss.png"),
+                    validation=dict(zip(history["val_step"], history["val_loss"])), learning_rates=history["lr"])
     plot_expert_load_heatmap(np.stack(history["expert_load"]), steps, os.path.join(run_dir, "expert_load.png"))
     plot_balancer_biases(np.stack(history["balancing_bias"]), steps, os.path.join(run_dir, "balancer_biases.png"))
     plot_routing_entropy(np.stack(history["routing_entropy"]), steps, os.path.join(run_dir, "routing_entropy.png"))

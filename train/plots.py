@@ -1,7 +1,9 @@
 """PNG plots of a training run: loss curve, expert load, balancer biases and routing entropy.
 
 Shapes (N = logged snapshots, L = MoE layers, E = experts; `steps` is always [N], strictly increasing):
-    plot_loss_curve(steps [N], losses [N], path, eval_points {step: value})  raw loss + EMA, eval metric on a 2nd axis
+    plot_loss_curve(steps [N], losses [N], path, eval_points {step: value}, validation {step: loss},
+                    learning_rates [N])                         raw loss + EMA and validation loss, eval metric on a
+                                                                2nd axis, learning rate in a panel below
     plot_expert_load_heatmap(loads [N, L, E], steps [N], path)  per layer: experts (y) x steps (x), shared colorbar
     plot_final_expert_load(load [L, E], path)                   layers x experts heatmap, values annotated if small
     plot_balancer_biases(biases [N, L, E], steps [N], path)     each expert's bias over steps, one panel per layer
@@ -144,14 +146,22 @@ def plot_loss_curve(
     *,
     eval_label: str = "held-out accuracy",
     smoothing: float | None = None,
+    validation: dict[int, float] | None = None,
+    learning_rates: Sequence[float] | None = None,
 ) -> None:
-    """Raw training loss (faint) with its EMA over steps; optional eval metric (e.g. accuracy) on a second y-axis.
+    """Raw training loss (faint) with its EMA over steps; optional validation loss on the same axis (same units),
+    optional eval metric (e.g. accuracy) on a second y-axis, and optional learning rate in a panel below.
 
-    steps [N], losses [N]; eval_points maps step -> value. `smoothing` is the EMA decay in [0, 1); None picks
-    1 - 10/N clipped to [0, 0.95], i.e. an averaging window of about a tenth of the logged points.
+    steps [N], losses [N], learning_rates [N]; eval_points and validation map step -> value. `smoothing` is the EMA
+    decay in [0, 1); None picks 1 - 10/N clipped to [0, 0.95], i.e. an averaging window of about a tenth of the
+    logged points.
     """
     loss = _array("losses", losses, 1, "[N]")
     step = _steps(steps, loss.shape[0], "[N] (one per loss)")
+    lr = None if learning_rates is None else _array("learning_rates", learning_rates, 1, "[N] (one per loss)")
+    if lr is not None and lr.shape != loss.shape:
+        raise ValueError(f"learning_rates: expected shape [N] = {list(loss.shape)} (one per loss), "
+                         f"got {list(lr.shape)}")
     if smoothing is None:
         # A fixed decay such as TensorBoard's 0.9 lags far behind a short run's steep early descent (30 logged
         # points) while barely smoothing a long one; tie the window to the number of points instead.
@@ -159,13 +169,25 @@ def plot_loss_curve(
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing: expected a value in [0, 1), got {smoothing}")
 
-    fig = _new_figure(8.0, 4.5)
-    ax = fig.add_subplot()
+    fig = _new_figure(8.0, 4.5 if lr is None else 6.5)
+    if lr is None:
+        ax = fig.add_subplot()
+    else:
+        ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+        lr_ax.plot(step, lr, color="tab:green", linewidth=1.5)
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_xlabel("training step")
+        lr_ax.grid(True, alpha=0.3)
     ax.plot(step, loss, color="tab:blue", alpha=0.3, linewidth=1.0, marker="." if loss.size <= 200 else None,
             label="loss")
     ax.plot(step, _ema(loss, smoothing), color="tab:blue", linewidth=2.0, label=f"EMA (decay {smoothing:.2f})")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (nats/token)")
+    if validation:
+        val_steps = sorted(validation)
+        ax.plot(val_steps, [validation[k] for k in val_steps], color="tab:red", marker="s", linewidth=1.5,
+                label="validation loss")
+    if lr is None:
+        ax.set_xlabel("training step")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()

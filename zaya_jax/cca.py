@@ -31,6 +31,7 @@ from flax import nnx
 from zaya_jax.attention import attend, attend_cached, pallas_interpret
 from zaya_jax.cache import LayerCache
 from zaya_jax.config import ZayaConfig
+from zaya_jax.kernels import check_tiles
 from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
 from zaya_jax.layers import (apply_partial_rope, compute_dtype, constant_param, dense_init, matmul,
                              rotary_embedding)
@@ -68,6 +69,7 @@ class CCAttention(nnx.Module):
         """x [B, S, H] -> q [B, S, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, D] (post norm, temperature and RoPE),
         and the recurrent state after the last token: (conv history [B, K, C], value history [B, Hkv*D/2])."""
         cfg = self.config
+        check_tiles(cfg)  # attention_impl "pallas": the sizes the kernels can tile on the platform lowered for
         dtype = compute_dtype(cfg)
         b, s, _ = x.shape
         d, hkv = cfg.head_dim, cfg.kv_heads

@@ -151,3 +151,19 @@ def test_a_width_the_mesh_cannot_split_is_refused_naming_the_rule(tmp_path, caps
                        "--set", f"train.run_dir={run_dir}"]) == 2
     assert "embed: dim 1 ('embed', size 63) is not divisible by mesh axes ('fsdp',) (2 ways)" in _one_line_error(capsys)
     assert not run_dir.exists()
+
+
+def test_a_validation_loss_without_held_out_data_is_named_at_the_start(tmp_path, capsys):
+    # A file source has no held-out split: evaluating on the training file itself would not be a validation loss.
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "a document"}\n')
+    assert train_main(["--config", TINY, "--dry-run", "--set", f"data.source={path}", "--set",
+                       "train.eval_every=10", "--set", f"train.run_dir={tmp_path / 'run'}"]) == 0
+    assert (f"warning: train.eval_every (10) asks for a validation loss, but data.source '{path}' has no held-out "
+            "split and data.validation_source is empty: no validation loss is computed" in capsys.readouterr().out)
+    assert train_main(["--config", TINY, "--set", "train.eval_every=-1"]) == 2
+    assert "train.eval_every must be >= 0 (0 = no validation loss), got -1" in _one_line_error(capsys)
+    held_out = load_train_config(TINY, [f"data.source={path}", "train.eval_every=10",
+                                        f"data.validation_source={path}"])
+    assert held_out.data.resolved_validation_source == str(path)
+    assert load_train_config(TINY).data.resolved_validation_source == "synthetic:heldout"

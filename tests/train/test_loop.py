@@ -18,7 +18,7 @@ import transformers
 from flax import nnx
 
 from sharding import make_mesh
-from tests.tolerances import assert_float32_close, model_depth, model_terms
+from tests.tolerances import EPS32, assert_float32_close, float32_bound, model_depth, model_terms
 from train.checkpoint import Checkpointer
 from train.cli import export_main, train_main
 from train.config import load_train_config
@@ -55,13 +55,16 @@ def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path, c
     assert first.interrupted and first.steps == 3
     out = capsys.readouterr().out
     assert "config: configs/tiny.yaml" in out and "new run from step 0 to step 6" in out
-    # The resumed run keeps one more checkpoint: a harmless change that config.yaml's rewrite must report.
-    second = run_training(_config(resumed_dir, "train.steps=6", "train.save_every=3", "train.keep_checkpoints=3"))
+    # The resumed run keeps one more checkpoint (a harmless change that config.yaml's rewrite must report) and
+    # computes the validation loss every 2 steps, which must not change its trajectory.
+    second_cfg = _config(resumed_dir, "train.steps=6", "train.save_every=3", "train.keep_checkpoints=3",
+                         "train.eval_every=2")
+    second = run_training(second_cfg)
     assert second.steps == 6 and not second.interrupted
     captured = capsys.readouterr()
     assert "resuming from step 3 (checkpoints/3), training to step 6" in captured.out
     assert (f"warning: {resumed_dir}/config.yaml differs from this run's settings and is replaced; changed: "
-            "train.keep_checkpoints: 2 -> 3") in captured.err
+            "train.keep_checkpoints: 2 -> 3; train.eval_every: 50 -> 2") in captured.err
     assert load_train_config(os.path.join(resumed_dir, "config.yaml")).train.keep_checkpoints == 3
 
     losses = {r["step"]: r["loss"] for r in read_metrics(straight_dir)}
@@ -69,10 +72,36 @@ def test_resume_is_bitwise_identical_to_a_straight_run(straight_run, tmp_path, c
     assert sorted(losses) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert all(losses[s] == resumed[s] for s in losses), (losses, resumed)  # bitwise: == on floats
     assert losses[6] < losses[1]
+    validation = {r["step"]: r["val_loss"] for r in read_metrics(resumed_dir) if "val_loss" in r}
+    assert sorted(validation) == [4, 6] and all("val_loss" not in r for r in read_metrics(straight_dir))
 
     a, b = load_pretrained_run(straight_dir), load_pretrained_run(resumed_dir)
     for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _assert_validation_loss(b, second_cfg, validation[6])
+
+
+def _assert_validation_loss(model, cfg, logged: float) -> None:
+    """The logged validation loss is the final model's mean next-token cross-entropy over the held-out batches'
+    target tokens, recomputed here from its logits in float64."""
+    from train.data import load_tokenizer
+    from train.evaluate import validation_batches
+
+    total = count = scale = 0.0
+    for batch in validation_batches(cfg, load_tokenizer(None)):
+        logits = np.asarray(model(jnp.asarray(batch["tokens"]), segment_ids=jnp.asarray(batch["segment_ids"]),
+                                  positions=jnp.asarray(batch["positions"])), np.float64)
+        scale = max(scale, float(np.abs(logits).max()))
+        top = logits.max(-1, keepdims=True)
+        log_z = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+        nll = log_z - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+        total, count = total + float((nll * batch["target_mask"]).sum()), count + float(batch["target_mask"].sum())
+    want = total / count
+    # Both sides use the same float32 logits up to summation order (the model's bound, tests/tolerances.py); each
+    # token's loss moves by at most 2 x that logit error, and the jitted sum of `count` float32 terms adds
+    # count x eps relative.
+    logit_error = float32_bound(model_terms(model.config, cfg.data.seq_len), model_depth(model.config.num_layers))
+    assert abs(logged - want) <= 2 * logit_error * scale + count * EPS32 * want, (logged, want)
 
 
 def load_pretrained_run(run_dir):

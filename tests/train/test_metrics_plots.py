@@ -263,6 +263,8 @@ def _assert_png(path, min_side=150, max_side=4000):
 PLOT_CASES = {
     "loss": lambda p: plot_loss_curve(STEPS, [5.0, 4.0, 3.5, float("nan"), 3.0, 2.9], p, eval_points={50: 0.4}),
     "loss_plain": lambda p: plot_loss_curve(STEPS, np.linspace(5, 2, N), p, smoothing=0.0),
+    "loss_validation_lr": lambda p: plot_loss_curve(STEPS, np.linspace(5, 2, N), p, validation={20: 4.5, 50: 3.0},
+                                                    learning_rates=np.linspace(1e-3, 1e-4, N)),
     "load": lambda p: plot_expert_load_heatmap(LOADS, STEPS, p),
     "load_grid": lambda p: plot_expert_load_heatmap(np.repeat(LOADS, 3, axis=1), STEPS, p),  # 6 layers -> grid
     "load_single": lambda p: plot_expert_load_heatmap(LOADS[:1], STEPS[:1], p),
@@ -288,6 +290,7 @@ BAD_SHAPES = [
     (lambda p: plot_loss_curve(STEPS, np.ones((N, 2)), p), "losses"),
     (lambda p: plot_loss_curve([], [], p), "losses"),
     (lambda p: plot_loss_curve([3, 2, 1], [1.0, 2.0, 3.0], p), "steps"),  # not increasing
+    (lambda p: plot_loss_curve(STEPS, np.ones(N), p, learning_rates=np.ones(N - 1)), "learning_rates"),
     (lambda p: plot_expert_load_heatmap(LOADS[0], STEPS, p), "loads"),
     (lambda p: plot_expert_load_heatmap(LOADS, STEPS[:-1], p), "steps"),
     (lambda p: plot_final_expert_load(LOADS, p), "load"),

@@ -205,12 +205,22 @@ def test_fused_prologue_matches_the_reference_and_its_gradients(dtype, kernels):
 LOWERINGS = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
+def _lowering_context(platform: str):
+    """(context to lower in, jax.export's disabled checks) for lowering Pallas kernels for `platform` on the CPU."""
+    import contextlib
+
+    from jax import export
+
+    if platform == "tpu":
+        device = jax.sharding.AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
+        return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)), []
+    return contextlib.nullcontext(), [export.DisabledSafetyCheck.custom_call(LOWERINGS[platform])]
+
+
 @pytest.mark.parametrize("platform", sorted(LOWERINGS))
 def test_every_kernel_lowers_for_the_accelerators(platform):
     """Each kernel, forward and backward, at ZAYA1-8B's shapes (bf16, 8 query / 2 KV heads of 128, batch 2):
     Pallas -> Triton (cuda) and Pallas -> Mosaic (tpu). Compiling and running need the device."""
-    import contextlib
-
     from jax import export
 
     from zaya_jax.cca import prologue_reference  # noqa: F401  (the model module imports the kernel's params type)
@@ -235,12 +245,56 @@ def test_every_kernel_lowers_for_the_accelerators(platform):
         "prologue backward": (jax.grad(total(prologue), argnums=(0, 1, 5)), prologue_args),
     }
     kernel_call = LOWERINGS[platform]
-    context, checks = contextlib.nullcontext(), [export.DisabledSafetyCheck.custom_call(kernel_call)]
-    if platform == "tpu":
-        device = jax.sharding.AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
-        context, checks = jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",),
-                                                                                   abstract_device=device)), []
+    context, checks = _lowering_context(platform)
     for name, (fn, args) in cases.items():
         with context:
             module = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
         assert kernel_call in module, name
+
+
+# (platform as jax.export names it, query_heads, kv_heads, head_dim): sizes either side of each tiling rule.
+TILE_CASES = [("tpu", 8, 2, 128), ("tpu", 8, 2, 64), ("tpu", 4, 1, 64), ("cuda", 8, 2, 64), ("cuda", 8, 2, 96),
+              ("cuda", 6, 2, 64)]
+
+
+@pytest.mark.parametrize("platform, heads_q, heads_kv, head_dim", TILE_CASES)
+def test_the_tile_rules_are_the_ones_the_lowering_enforces(platform, heads_q, heads_kv, head_dim):
+    """kernels.tile_problems names a rule exactly when Pallas refuses to lower the prologue or the decode kernel (the
+    kernels whose blocks the rules are about) for those sizes; check_tiles raises it as one line naming the key and
+    value."""
+    from jax import export
+
+    from zaya_jax.kernels import check_tiles, tile_problems
+    from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
+
+    s, f32, b, seq = jax.ShapeDtypeStruct, jnp.float32, 1, 64
+    channels = (heads_q + heads_kv) * head_dim
+    params = PrologueParams(s((2, channels), f32), s((channels,), f32),
+                            s((2, heads_q + heads_kv, head_dim, head_dim), f32), s((channels,), f32),
+                            s((heads_kv,), f32))
+    args = (s((b, seq, heads_q * head_dim), f32), s((b, seq, heads_kv * head_dim), f32), s((b, seq), jnp.int32),
+            s((b, seq, head_dim // 2), f32), s((b, seq, head_dim // 2), f32), params)
+    context, checks = _lowering_context(platform)
+    decode_args = (s((b, heads_q, head_dim), f32), s((b, heads_kv, 128, head_dim), f32),
+                   s((b, heads_kv, 128, head_dim), f32), s((b, 128), jnp.int32), s((), jnp.int32))
+    try:
+        with context:
+            for fn, fn_args in ((lambda *a: fused_prologue(*a, 64, False), args),
+                                (lambda *a: decode_attention(*a, block_k=128), decode_args)):
+                export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*fn_args)
+        lowered = True
+    except ValueError as e:
+        assert "power of 2" in str(e) or "divisible by 8 and 128" in str(e), e  # the lowering's own rule
+        lowered = False
+    config = dataclasses.replace(load_preset("tiny"), query_heads=heads_q, kv_heads=heads_kv, head_dim=head_dim,
+                                 attention_impl="pallas")
+    ours = "gpu" if platform == "cuda" else platform
+    problems = tile_problems(config, ours)
+    assert lowered == (not problems), problems
+    if problems:
+        with pytest.raises(ValueError) as info:
+            check_tiles(config, ours)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"attention_impl 'pallas' on {ours}: ")
+        assert f"head_dim = {head_dim}" in message or f"= {heads_q // heads_kv}:" in message
+    check_tiles(dataclasses.replace(config, attention_impl="xla"), ours)  # no kernels, no tiles to check

@@ -1,7 +1,12 @@
 """Pallas kernels for CCA (see docs/kernels.md): flash attention forward and backward, decode attention, and the
-fused convolution prologue forward and backward."""
+fused convolution prologue forward and backward.
+
+`check_tiles(config, platform)` is the one place that states which model sizes the kernels can tile on a device;
+the kernels' modules, when their block shapes change, change it with them."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,48 @@ def target_platform() -> str:
     backend."""
     device = jax.sharding.get_abstract_mesh().abstract_device
     return device.platform if device is not None else jax.default_backend()
+
+
+def tile_problems(config: Any, platform: str) -> list[str]:
+    """The rules `config`'s sizes (a ZayaConfig: query_heads, kv_heads, head_dim) break when the kernels are lowered
+    for `platform`, one line each naming the key, its value and the rule; empty when they tile. Sequence lengths
+    have no rule (every kernel pads them to its tiles), nor has the Pallas interpreter (no block-shape rules).
+
+    gpu (Triton: every block a kernel loads or stores must hold a power-of-two number of elements): the kernels
+        load [tile, head_dim] blocks, and the decode kernel a KV group's [G, head_dim] query heads (G = query_heads
+        / kv_heads).
+    tpu (Mosaic: a block's last two dimensions must be multiples of (8, 128) or the whole array's): the prologue
+        writes the [block_s, head_dim] k columns of one KV head and the [block_s, G * head_dim] q columns of its
+        group out of [S, kv_heads * head_dim] and [S, query_heads * head_dim]: whole only when kv_heads is 1.
+    """
+    heads_q, heads_kv, head_dim = config.query_heads, config.kv_heads, config.head_dim
+    groups = heads_q // heads_kv
+    power_of_2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    problems = []
+    if platform == "gpu":
+        if not power_of_2(head_dim):
+            problems.append(f"head_dim = {head_dim}: the Pallas kernels on a GPU (Triton) need a power of two "
+                            "(they load [tile, head_dim] blocks)")
+        if not power_of_2(groups):
+            problems.append(f"query_heads / kv_heads = {heads_q} / {heads_kv} = {groups}: the Pallas decode kernel "
+                            "on a GPU (Triton) needs a power of two (it loads a KV group's [G, head_dim] query heads "
+                            "as one block)")
+    elif platform == "tpu" and heads_kv > 1 and head_dim % 128:
+        problems.append(f"head_dim = {head_dim}: the Pallas prologue kernel on a TPU (Mosaic) needs a multiple of 128 "
+                        f"when kv_heads > 1 (kv_heads = {heads_kv}): it writes each KV head's [block_s, head_dim] "
+                        "columns as one block, whose width must be a multiple of 128 or the whole row")
+    return problems
+
+
+def check_tiles(config: Any, platform: str | None = None) -> None:
+    """Raises one ValueError listing `tile_problems` for `platform` (default: the one being lowered for) when
+    `config.attention_impl` is "pallas"; nothing to check for other implementations."""
+    if config.attention_impl != "pallas":
+        return
+    platform = platform or target_platform()
+    problems = tile_problems(config, platform)
+    if problems:
+        raise ValueError(f"attention_impl 'pallas' on {platform}: " + "; ".join(problems))
 
 
 def compiler_params(interpret, grid_rank: int):

@@ -1,0 +1,135 @@
+"""A damaged checkpoint step of a real run (the Checkpointer's own damage tests are in test_checkpoint.py): zaya-train
+names it in one line with its cause, resumes from the newest step that restores cleanly and keeps the damaged one;
+zaya-export and zaya-generate read only the parameters, say which step they used and name a damaged --step in one
+line; the exported folder carries a tokenizer that zaya-generate and transformers load without flags.
+
+One tiny 4-step run (checkpoints at steps 2 and 4) is trained once; every test damages a copy of it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+import pytest
+
+from train.checkpoint import Checkpointer
+from train.cli import export_main, generate_main, train_main
+from train.metrics import read_metrics
+
+SMALL = ["data.seq_len=64", "train.batch_size=8", "train.log_every=1", "data.eval_samples=0",
+         "optimizer.warmup_steps=1", "optimizer.total_steps=4", "train.steps=4", "train.save_every=2",
+         "train.keep_checkpoints=2", "model.num_layers=2"]
+
+
+def _train_args(run_dir: Path) -> list[str]:
+    args = ["--config", "configs/tiny.yaml"]
+    for setting in [*SMALL, f"train.run_dir={run_dir}"]:
+        args += ["--set", setting]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert train_main(_train_args(run_dir)) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Path:
+    """A fresh copy of the trained run, to damage."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def _state_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / str(step) / "state"
+
+
+def _data_files(run_dir: Path, step: int) -> list[Path]:
+    return sorted((_state_dir(run_dir, step) / "ocdbt.process_0" / "d").iterdir())
+
+
+def _abstract_state(run_dir: Path, step: int):
+    """The saved tree's shapes and dtypes, read with orbax directly (independent of the code under test)."""
+    metadata = ocp.StandardCheckpointer().metadata(_state_dir(run_dir, step)).item_metadata
+    tree = getattr(metadata, "tree", metadata)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+
+
+def _truncate_data_files(run_dir: Path) -> None:
+    # Cut to 16 bytes, not half: what survives a halving depends on the order of orbax's concurrent writes
+    # (tests/train/test_checkpoint.py).
+    for path in _data_files(run_dir, 4):
+        path.write_bytes(path.read_bytes()[:16])
+
+
+# Which array's read fails first varies with orbax's concurrent reads: a cut before a chunk's byte range is an OCDBT
+# range error, one inside it a zstd error (tests/train/test_checkpoint.py).
+CAUSES = "(Requested byte range .* is not valid|Truncated Zstd-compressed stream)"
+
+
+def test_resume_falls_back_to_the_newest_intact_step_and_keeps_the_damaged_one(trained, run, capsys):
+    _truncate_data_files(run)
+    damaged_bytes = {p.name: p.read_bytes() for p in _data_files(run, 4)}
+    assert train_main(_train_args(run)) == 0
+    captured = capsys.readouterr()
+    # (The copy's config.yaml names the original run directory: that change is reported too, on its own line.)
+    warnings = [line for line in captured.err.splitlines() if "checkpoint step" in line]
+    assert len(warnings) == 1, captured.err
+    assert warnings[0].startswith("zaya-train: warning: checkpoint step 4 in ") and re.search(CAUSES, warnings[0])
+    assert "resuming from step 2, the newest step that restores cleanly" in warnings[0]
+    assert "resuming from step 2 (checkpoints/2), training to step 4" in captured.out
+    kept = run / "checkpoints" / "4.damaged"
+    assert warnings[0].endswith(f"the damaged step is kept as {kept}")
+    assert {p.name: p.read_bytes() for p in sorted((kept / "state" / "ocdbt.process_0" / "d").iterdir())} == \
+        damaged_bytes
+    # Steps 3 and 4 were trained again from step 2's state: bitwise the losses of the original run (resume is exact).
+    original = {r["step"]: r["loss"] for r in read_metrics(trained)}
+    again = [r for r in read_metrics(run)][len(original):]
+    assert [(r["step"], r["loss"]) for r in again] == [(3, original[3]), (4, original[4])]
+    with Checkpointer(run / "checkpoints", save_every=2, keep=2, async_save=False) as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+        ckpt.restore(_abstract_state(run, 4))  # the new step 4 is whole
+
+
+def test_export_and_generate_fall_back_and_a_damaged_step_asked_for_is_one_line(run, tmp_path, capsys):
+    _truncate_data_files(run)
+    out = tmp_path / "hf"
+    assert export_main(["--checkpoint", str(run), "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("warning: checkpoint step 4 in ") and re.search(CAUSES, err[0])
+    assert err[0].endswith("; using step 2, the newest step that restores cleanly (choose another with --step N)")
+    assert err[1] == f"loaded the parameters of checkpoint step 2 of {run}"
+    # The weights are step 2's: the same files as an export of --step 2.
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "hf2"), "--step", "2"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "hf2" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    for main, argv in ((export_main, ["--checkpoint", str(run), "--out", str(tmp_path / "hf4")]),
+                       (generate_main, ["--model", str(run), "--prompt", "1+1", "--max-new-tokens", "2"])):
+        assert main([*argv, "--step", "4"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "checkpoint step 4 in " in err and re.search(CAUSES, err)
+        assert err.rstrip().endswith("choose another step with --step N (other complete steps: 2)")
+        assert "older step" not in err  # no fallback was tried: the step was asked for
+
+
+def test_the_exported_folder_carries_the_tokenizer(run, tmp_path, capsys):
+    import transformers
+
+    from zaya_jax.tokenizers import ByteTokenizer
+
+    out = tmp_path / "hf"
+    assert export_main(["--checkpoint", str(run), "--out", str(out)]) == 0
+    text = "Compute (3 + 4) * 5. <think>é</think>"
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf.encode(text, add_special_tokens=False) == ByteTokenizer().encode(text)
+    capsys.readouterr()
+    # Without --tokenizer: the folder's own tokenizer.json; the same text as from the run directory.
+    assert generate_main(["--model", str(out), "--prompt", "1+1", "--max-new-tokens", "3"]) == 0
+    from_export = capsys.readouterr().out
+    assert generate_main(["--model", str(run), "--prompt", "1+1", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == from_export
