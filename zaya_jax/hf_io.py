@@ -250,15 +250,17 @@ def _check_names_and_shapes(config: ZayaConfig, found: dict[str, tuple[int, ...]
         f"{n}: expected {expected[n]}, found {tuple(found[n])}"
         for n in expected if n in found and tuple(found[n]) != tuple(expected[n])
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"tensors with the wrong shape ({len(misshaped)}): {'; '.join(misshaped)}")
+    problems = [f"{what} ({len(items)}): {_first_few(items, sep)}" for what, items, sep in (
+        ("missing tensors", missing, ", "), ("unexpected tensors", unexpected, ", "),
+        ("tensors with the wrong shape", misshaped, "; ")) if items]
     if problems:
-        raise ValueError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+        raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def _first_few(items: list[str], sep: str, shown: int = 3) -> str:
+    """The first `shown` items and how many more, so a mismatch of a whole model stays one readable line."""
+    more = f"{sep}and {len(items) - shown} more" if len(items) > shown else ""
+    return sep.join(items[:shown]) + more
 
 
 Shardings = Any  # a pytree of jax.sharding.Sharding shaped like nnx.state(model), or a function of the abstract state

@@ -131,6 +131,7 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed_by_name(hf_dir, tmp
     assert "missing tensors (1): model.layers.1.self_attn.qk_norm.temp" in message
     assert "unexpected tensors (1): model.layers.0.mlp.gate.router_states_scale" in message
     assert "model.layers.2.mlp.experts.down_proj: expected (3, 32, 16), found (3, 32, 15)" in message
+    assert "\n" not in message  # one line, whatever the number of mismatches
 
 
 def test_wrong_model_type_and_missing_files(hf_dir, tmp_path):
