@@ -124,6 +124,12 @@ class _PackIterator(grain.DatasetIterator):
                 records_read = sum(self._counters[k] for k in RECORD_COUNTERS)
                 _check_length(len(ex["tokens"]), self._seq_len, records_read - 1)
                 examples.append(ex)
+        read = {k: self._counters[k] - self._buffer_start_counters[k] for k in RECORD_COUNTERS}
+        if not examples and read["dropped"] and read["dropped"] == sum(read.values()):
+            # An endless source (the synthetic one) would otherwise be read forever without one row to emit.
+            raise ValueError(f"data: all {read['dropped']} records of a whole buffer were dropped: none fits "
+                             f"data.seq_len={self._seq_len} even after answer-preserving trimming; raise "
+                             f"data.seq_len or use shorter documents")
         self._rows = pack_examples(examples, self._seq_len, self._packing) if examples else []
         self._next_row = 0
 

@@ -250,3 +250,10 @@ def test_best_fit_at_a_long_window_trims_at_the_stage_length_and_counts_its_padd
         assert document_tokens == sum(lengths)
         assert (c["document_tokens"], c["padding_tokens"]) == (document_tokens, len(rows) * window - document_tokens)
         assert packing_efficiency(c) == document_tokens / (len(rows) * window)
+
+
+def test_a_source_whose_every_record_is_dropped_is_an_error_not_a_hang():
+    # The synthetic source never ends: before this check a seq_len shorter than every answer read it forever.
+    ds = make_dataset(SyntheticSource(seed=0), TOK, seq_len=8, batch_size=1, seed=0, pack_buffer_size=16)
+    with pytest.raises(ValueError, match=r"all 16 records of a whole buffer were dropped.*data.seq_len=8"):
+        next(iter(ds))
