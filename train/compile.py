@@ -1,6 +1,9 @@
 """zaya-compile: compile the training step for hardware this machine does not have, and say whether it fits.
 
     zaya-compile --config configs/zaya1-8b.yaml --target tpu:v5p-128 [--set section.key=value ...] [--json]
+    zaya-compile --config configs/zaya1-8b.yaml --program kernels --target tpu:v5p-8 | gpu:h100x8 [--json]
+
+(`--program kernels`: the Pallas kernels instead of the step, see train/compile_kernels.py.)
 
 The program compiled is the one `zaya-train` runs (train/state.py `jit_train_step`: the same step function, state
 shardings, batch sharding and donation), lowered from an abstract training state (ShapeDtypeStructs carrying their
@@ -40,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from sharding import make_mesh, use_mesh  # noqa: E402
+from train.compile_kernels import compile_kernels, format_kernels_report  # noqa: E402
 from train.config import TrainConfig, load_train_config  # noqa: E402
 from train.hlo_collectives import KINDS, collective_bytes  # noqa: E402
 from train.loop import flops_per_token  # noqa: E402
@@ -207,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fraction of HBM to leave free (default: 0 on TPU, where the compiler checks; 0.25 "
                              "on GPU, what jax's client leaves by default)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--program", choices=("train", "kernels"), default="train",
+                        help="train: the training step; kernels: the Pallas kernels at the config's shapes "
+                             "(train/compile_kernels.py)")
     args = parser.parse_args(argv)
     try:
         cfg = load_train_config(args.config, args.overrides)
@@ -220,10 +227,16 @@ def main(argv: list[str] | None = None) -> int:
             if not 0.0 <= args.margin < 1.0:
                 raise ValueError(f"--margin must be in [0, 1), got {args.margin}")
             target = dataclasses.replace(target, margin=args.margin)
-        report = compile_train_step(cfg, target)
+        if args.program == "kernels":
+            kernels = compile_kernels(cfg.model, target)
+        else:
+            report = compile_train_step(cfg, target)
     except (ValueError, FileNotFoundError, TargetError) as e:
         print(f"zaya-compile: error: {e}", file=sys.stderr)
         return 2
+    if args.program == "kernels":
+        print(json.dumps(dataclasses.asdict(kernels)) if args.json else format_kernels_report(kernels))
+        return 0 if all(case.compiled for case in kernels.cases) else 1
     print(json.dumps(dataclasses.asdict(report)) if args.json else format_report(report))
     return 1 if report.fits is False else 0
 

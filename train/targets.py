@@ -169,6 +169,9 @@ def target_devices(target: Target) -> list:
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.accelerator_type)
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        # libtpu takes /tmp/libtpu_lockfile to keep a TPU host's chips to one process; compiling owns no chip, and
+        # two compiling processes (pytest's workers, zaya-compile next to a run) must not refuse each other.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         try:
             topology = topologies.get_topology_desc(
                 platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
