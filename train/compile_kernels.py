@@ -10,9 +10,12 @@ CACHE_LENS, on one of the target's compile-only devices (train/targets.py). Repo
     compiled, or the compiler's error (one line)          compiling with the compiler's default limits
     compile time                                          tracing, lowering and compiling, seconds
     TPU: VMEM each kernel needs                           the smallest `vmem_limit_bytes` (pltpu.CompilerParams)
-                                                          Mosaic accepts, to VMEM_STEP bytes: one compile at 1 byte,
-                                                          whose refusal names the size ("Scoped allocation with
-                                                          size 4.04M"), then bisection around that size
+                                                          Mosaic accepts, to VMEM_STEP bytes: from a 1-byte limit,
+                                                          retried at the size each refusal names ("Scoped allocation
+                                                          with size 4.04M") until one compiles, then bisection
+    TPU: operands resident in VMEM                        the kernel's operands and results XLA placed whole in
+                                                          VMEM (memory space S(1) in the compiled module): small
+                                                          programs get them, and then need less scoped VMEM
     TPU: the BlockSpecs' bytes                            one copy of every VMEM block a program holds + scratch,
                                                           from the traced pallas_call: a lower bound of the above;
                                                           and twice the blocks + scratch, the double-buffered
@@ -36,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
-from train.targets import Target, target_devices
+from train.targets import Target, TargetError, target_devices
 from zaya_jax.config import ZayaConfig
 from zaya_jax.kernels import mosaic_vmem_limits
 from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
@@ -59,8 +62,11 @@ class VmemFigure:
     block_bytes: int  # one copy of the program's VMEM blocks + scratch (BlockSpecs): a lower bound of the need
     double_buffered_bytes: int  # two copies of the blocks + scratch: the arithmetic estimate
     needed_bytes: int | None = None  # smallest vmem_limit_bytes that compiles (None: none does)
-    compiler_size: str = ""  # the size the compiler named when refusing a 1-byte limit, e.g. "4.04M"
+    compiler_size: str = ""  # the size the compiler named in its last refusal, e.g. "4.04M"
     error: str = ""  # why no limit compiles (e.g. above the core's VMEM), one line
+    # Bytes of the kernel's operands and results that XLA placed whole in VMEM (layout memory space S(1) in the
+    # compiled module, at the default limits); a kernel reads those directly, with no window in its scoped VMEM.
+    resident_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -131,7 +137,7 @@ def _one_line(error: Exception) -> str:
         return f"{kernel.group(1) if kernel else 'a kernel'}: {scoped.group(0)} (scoped VMEM)"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in lines:
-        if "Ran out of memory" in line or "exceeds" in line or "Error" in line or "error" in line:
+        if any(key in line for key in ("failed to compile", "Ran out of memory", "exceeds", "RESOURCE_EXHAUSTED")):
             return line[:300]
     return (lines[0] if lines else type(error).__name__)[:300]
 
@@ -139,6 +145,12 @@ def _one_line(error: Exception) -> str:
 def _compile(fn: Callable, args: Sequence, mesh: Mesh, limits: dict[str, int]) -> Exception | None:
     """Traces, lowers and compiles fn(*args) on the mesh's one device under these VMEM limits; the compiler's
     error, or None."""
+    result = _compiled(fn, args, mesh, limits)
+    return result if isinstance(result, Exception) else None
+
+
+def _compiled(fn: Callable, args: Sequence, mesh: Mesh, limits: dict[str, int]):
+    """The compiled program, or the compiler's error."""
     replicated = NamedSharding(mesh, PartitionSpec())
     placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), args)
     jax.clear_caches()  # the limits are read while tracing, which jit caches: trace afresh
@@ -146,9 +158,27 @@ def _compile(fn: Callable, args: Sequence, mesh: Mesh, limits: dict[str, int]) -
         # The default matmul precision, as a run traces the kernels (the suite's "highest", a CPU setting, makes
         # Mosaic refuse bfloat16 dots: "Bad lhs type").
         with jax.set_mesh(mesh), mosaic_vmem_limits(limits), jax.default_matmul_precision("default"):
-            jax.jit(fn).lower(*placed).compile()
+            return jax.jit(fn).lower(*placed).compile()
     except Exception as e:  # noqa: BLE001  the compiler's refusal is the result (XLA's and Mosaic's error types)
         return e
+
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8,
+             "s64": 8}
+
+
+def resident_bytes(hlo: str, kernel: str) -> int | None:
+    """Bytes of `kernel`'s operands and results placed in VMEM (layouts with memory space S(1)) in compiled HLO
+    text, unpadded; None when the kernel's custom call is not found."""
+    types = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) [\w\-]+\(", hlo, re.M)}
+    in_vmem = lambda text: sum(  # noqa: E731
+        _ITEMSIZE.get(m.group(1), 4) * math.prod(int(x) for x in m.group(2).split(",") if x)
+        for m in re.finditer(r"(\w+)\[([\d,]*)\]\{[^}]*S\(1\)[^}]*\}", text))
+    for line in hlo.splitlines():
+        if 'custom_call_target="tpu_custom_call"' in line and re.search(rf"{kernel}\W", line.split("op_name=")[-1]):
+            name = re.match(r"\s*(?:ROOT )?%([\w.\-]+) =", line).group(1)
+            operands = re.search(r"custom-call\((.*?)\), custom_call_target", line).group(1)
+            return in_vmem(types[name]) + sum(in_vmem(types.get(op, "")) for op in re.findall(r"%([\w.\-]+)", operands))
     return None
 
 
@@ -191,25 +221,29 @@ def vmem_needed(fn: Callable, args: Sequence, mesh: Mesh, kernel: str, capacity:
     def refusal(limit: int) -> Exception | None:
         return _compile(fn, args, mesh, {**others, kernel: limit})
 
-    error = refusal(1)
-    match = _SIZE.search(str(error)) if error is not None else None
-    if match is None:
-        figure.error = "no refusal naming a size at a 1-byte limit: " + (_one_line(error) if error else "compiled")
-        return figure
-    figure.compiler_size = match.group(1) + match.group(2)
-    # The size is printed to 2 decimals of its unit: the answer lies within half a unit of the last decimal.
-    size, half = float(match.group(1)) * _UNITS[match.group(2)], 0.005 * _UNITS[match.group(2)]
-    lo = max(0, int(size - half) // VMEM_STEP * VMEM_STEP)  # refused (checked below)
-    hi = -(-int(size + half + 1) // VMEM_STEP) * VMEM_STEP  # compiles (checked below)
-    top = refusal(hi)
-    if top is not None:
-        figure.error = _one_line(top)  # e.g. more than the core's VMEM
-        return figure
-    if lo > 1 and refusal(lo) is None:
-        figure.error = f"compiled at {lo} bytes, below the compiler's own figure {figure.compiler_size}"
-        return figure
+    # Climb: each refusal names the allocation that did not fit under its limit (a tighter limit can make Mosaic
+    # name a smaller one), so retry at that size until one compiles; then bisect between the last refusal and it.
+    lo, limit = 0, 1
+    while (error := refusal(limit)) is not None:
+        match = _SIZE.search(str(error))
+        if match is None:  # e.g. more than the core's VMEM
+            figure.error = _one_line(error)
+            return figure
+        figure.compiler_size = match.group(1) + match.group(2)
+        # The size is printed to 2 decimals of its unit: round half a unit of the last decimal up.
+        size = (float(match.group(1)) + 0.005) * _UNITS[match.group(2)]
+        lo, limit = limit, max(-(-int(size) // VMEM_STEP) * VMEM_STEP, 2 * limit)
+        if lo >= capacity:
+            figure.error = f"needs more than the core's {capacity} bytes: {_one_line(error)}"
+            return figure
+    hi = limit
+    near = hi - 16 * VMEM_STEP  # the named size is usually within a few KiB: narrow the bisection when it is
+    if near > lo and refusal(near) is not None:
+        lo = near
     while hi - lo > VMEM_STEP:
         mid = (lo + hi) // 2 // VMEM_STEP * VMEM_STEP
+        if mid <= lo:
+            break
         if refusal(mid) is None:
             hi = mid
         else:
@@ -236,6 +270,9 @@ def compile_kernels(model: ZayaConfig, target: Target, *, seq_lens: Sequence[int
                     measure_vmem: bool = True, progress: Callable[[KernelCase], None] | None = None) -> KernelsReport:
     """Compiles every kernel case (those named in `only`, if given) for `target`; see the module docstring.
     `progress` is called with each case as it is done."""
+    if target.platform not in ("tpu", "cuda"):
+        raise TargetError(f"{target.name}: --program kernels compiles for TPU and GPU targets (Mosaic, Triton); on "
+                          "CPUs the kernels run only in the Pallas interpreter")
     mesh = kernel_mesh(target)
     capacity = vmem_capacity(mesh.devices.flat[0]) if target.platform == "tpu" else None
     report = KernelsReport(target.name, target.platform, model.dtype,
@@ -245,11 +282,14 @@ def compile_kernels(model: ZayaConfig, target: Target, *, seq_lens: Sequence[int
             continue
         case = KernelCase(name, length)
         start = time.perf_counter()
-        error = _compile(fn, args, mesh, {})
+        compiled = _compiled(fn, args, mesh, {})
         case.compile_seconds = time.perf_counter() - start
-        case.compiled, case.error = error is None, "" if error is None else _one_line(error)
+        case.compiled = not isinstance(compiled, Exception)
+        case.error = "" if case.compiled else _one_line(compiled)
         if target.platform == "tpu" and measure_vmem:
             case.vmem = [vmem_needed(fn, args, mesh, kernel, capacity) for kernel in kernels]
+            for figure in case.vmem if case.compiled else ():
+                figure.resident_bytes = resident_bytes(compiled.as_text(), figure.kernel)
         report.cases.append(case)
         if progress is not None:
             progress(case)
@@ -270,6 +310,7 @@ def format_kernels_report(r: KernelsReport) -> str:
                      f"({c.compile_seconds:.1f} s)")
         for v in c.vmem:
             needs = _mib(v.needed_bytes) if v.needed_bytes is not None else f"none compiles: {v.error}"
-            lines.append(f"    {v.kernel:<22} VMEM needed {needs}  (compiler: {v.compiler_size or '-'}; "
-                         f"BlockSpecs: {_mib(v.block_bytes)}, x2 {_mib(v.double_buffered_bytes)})")
+            lines.append(f"    {v.kernel:<22} scoped VMEM needed {needs}; operands resident in VMEM "
+                         f"{_mib(v.resident_bytes)}  (compiler's last size: {v.compiler_size or '-'}; BlockSpecs: "
+                         f"{_mib(v.block_bytes)}, x2 {_mib(v.double_buffered_bytes)})")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import importlib.util
 
 import pytest
 
+from train.compile import main
 from train.compile_kernels import VMEM_STEP, _compile, compile_kernels, kernel_cases, kernel_mesh
 from train.targets import parse_target
 from zaya_jax import load_preset
@@ -34,8 +35,12 @@ def test_every_kernel_compiles_for_a_tpu():
 
 
 @needs_cuda
-def test_every_kernel_compiles_for_an_h100():
-    report = compile_kernels(MODEL, parse_target("gpu:h100x8"), **SMALL)
+def test_attention_kernels_compile_for_an_h100():
+    """Flash attention forward and backward and decode through Triton. The prologue's Triton compile takes minutes
+    (zaya-compile --program kernels reports it; docs/kernels.md), too long for the suite."""
+    report = compile_kernels(MODEL, parse_target("gpu:h100x8"), **SMALL,
+                             only=("flash forward", "flash backward", "decode"))
+    assert [c.name for c in report.cases] == ["flash forward", "flash backward", "decode"]
     assert all(c.compiled for c in report.cases), [(c.name, c.error) for c in report.cases]
     assert all(not c.vmem for c in report.cases)  # VMEM is a TPU figure
 
@@ -51,10 +56,17 @@ def test_vmem_from_the_compiler_covers_the_blocks_and_is_the_smallest_limit_it_a
     slots, d, groups = 256, MODEL.head_dim, MODEL.query_heads // MODEL.kv_heads
     blocks = 2 * slots * d * 2 + slots * 4 + 2 * groups * d * 2
     assert figure.block_bytes == blocks and figure.double_buffered_bytes == 2 * blocks
-    assert figure.needed_bytes is not None and figure.needed_bytes >= blocks
+    # Every block a program reads sits in its scoped VMEM or in an operand XLA placed whole in VMEM.
+    assert figure.needed_bytes is not None and figure.resident_bytes is not None
+    assert figure.needed_bytes + figure.resident_bytes >= blocks
     # Independently of the bisection: Mosaic refuses one step below the figure and takes the figure itself.
     ((_, _, _, fn, args),) = [c for c in kernel_cases(MODEL, (), (256,))]
     mesh = kernel_mesh(target)
     assert _compile(fn, args, mesh, {figure.kernel: figure.needed_bytes}) is None
     refused = _compile(fn, args, mesh, {figure.kernel: figure.needed_bytes - VMEM_STEP})
     assert refused is not None and "Scoped allocation" in str(refused)
+
+
+def test_kernels_for_a_cpu_target_are_refused_in_one_line(capsys):
+    assert main(["--config", "configs/tiny.yaml", "--program", "kernels", "--target", "cpu:8"]) == 2
+    assert "--program kernels compiles for TPU and GPU targets" in capsys.readouterr().err

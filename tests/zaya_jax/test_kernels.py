@@ -244,3 +244,12 @@ def test_every_kernel_lowers_for_the_accelerators(platform):
         with context:
             module = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
         assert kernel_call in module, name
+
+
+def test_a_prologue_tile_shorter_than_the_conv_history_is_a_clear_error():
+    """A tile reads the conv history from the tile before it, so block_s >= (k_dw - 1) + (k_gr - 1)."""
+    from zaya_jax.kernels.cca_prologue import fused_prologue
+
+    q0, k0, segments, cos, sin, params = _prologue_inputs(jnp.float32, 3, 3)  # history 4
+    with pytest.raises(ValueError, match=r"block_s \(2\) must be at least the conv history .* = 4"):
+        fused_prologue(q0, k0, segments, cos, sin, params, 2, POISONED)
