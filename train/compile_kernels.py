@@ -17,7 +17,8 @@ CACHE_LENS, on one of the target's compile-only devices (train/targets.py). Repo
                                                           VMEM (memory space S(1) in the compiled module): small
                                                           programs get them, and then need less scoped VMEM
     TPU: the BlockSpecs' bytes                            one copy of every VMEM block a program holds + scratch,
-                                                          from the traced pallas_call: a lower bound of the above;
+                                                          from the traced pallas_call: a lower bound of scoped +
+                                                          resident;
                                                           and twice the blocks + scratch, the double-buffered
                                                           estimate (Mosaic pipelines each block through two
                                                           buffers, less for some small or fixed blocks)
@@ -37,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
 
 from train.targets import Target, TargetError, target_devices
 from zaya_jax.config import ZayaConfig

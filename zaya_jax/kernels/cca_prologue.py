@@ -214,9 +214,11 @@ def _layout(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int)
                                           constant_values=value)
     seg = segment_ids.astype(jnp.int32)
     # same[b, shift, t]: row t - shift exists and is in row t's document (padding rows: id -1, their own document).
-    overlap = lambda shift: max(seq - shift, 0)  # noqa: E731  rows t with t - shift >= 0
-    same = jnp.stack([jnp.pad(seg[:, :overlap(shift)] == seg[:, seq - overlap(shift):], ((0, 0), (seq - overlap(shift), 0)))
-                      for shift in range(history + 1)], axis=1).astype(jnp.int32)
+    def same_document(shift):  # [B, S] for rows t >= shift; False before
+        rows = max(seq - shift, 0)
+        return jnp.pad(seg[:, :rows] == seg[:, seq - rows:], ((0, 0), (seq - rows, 0)))
+
+    same = jnp.stack([same_document(shift) for shift in range(history + 1)], axis=1).astype(jnp.int32)
     same = jnp.pad(same, ((0, 0), (0, 0), (0, padded - seq)))[..., None]
     rotary = cos.shape[-1]
     # Full-width cos / sin: 1 and 0 on the dims RoPE leaves alone.
@@ -243,7 +245,8 @@ def _in_specs(lay: _Layout, params: PrologueParams, interpret):
     whole = lambda shape: pl.BlockSpec(shape, lambda b, i, h: (0,) * len(shape))  # noqa: E731
     # Each program reads its tile and the tile before it (the first tile reads itself there: `same` masks it).
     tile = lambda width: pl.BlockSpec((None, bs, width), lambda b, i, h: (b, i, h))  # noqa: E731
-    previous = lambda width: pl.BlockSpec((None, bs, width), lambda b, i, h: (b, jnp.maximum(i - 1, 0), h))  # noqa: E731
+    previous = lambda width: pl.BlockSpec((None, bs, width),  # noqa: E731
+                                          lambda b, i, h: (b, jnp.maximum(i - 1, 0), h))
     return [tile(g * d), previous(g * d), tile(d), previous(d),
             pl.BlockSpec((None, shifts, bs, 1), lambda b, i, h: (b, 0, i, 0)),
             pl.BlockSpec((None, bs, d), lambda b, i, h: (b, i, 0)),
