@@ -5,6 +5,7 @@ and say whether it fits.
     zaya-compile ... --program generate [--batch B --prompt-len P --max-len T]   prefill + one decode step
     zaya-compile ... --max-seq [--granule 1024]        the longest data.seq_len that fits one row per device
     zaya-compile ... --memory-gib G                    a per-device memory instead of the target's (what-if)
+    zaya-compile ... --program kernels --target tpu:v5p-8 | gpu:h100x8   the Pallas kernels (train/compile_kernels.py)
 
 --program train (default): the program compiled is the one `zaya-train` runs (train/state.py `jit_train_step`: the
 same step function, state shardings, batch sharding and donation), lowered from an abstract training state
@@ -52,6 +53,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from sharding import RULES, batch_shards, make_mesh, train_state_shardings, use_mesh  # noqa: E402
+from train.compile_kernels import compile_kernels, format_kernels_report  # noqa: E402
 from train.config import TrainConfig, load_train_config  # noqa: E402
 from train.hlo_collectives import KINDS, collective_bytes  # noqa: E402
 from train.loop import flops_per_token  # noqa: E402
@@ -456,7 +458,7 @@ def _compiled_lines(p: CompiledProgram, per: str) -> list[str]:
     return lines
 
 
-PROGRAMS = ("train", "generate")  # --program: what zaya-train runs, what zaya-generate runs
+PROGRAMS = ("train", "generate", "kernels")  # --program: what zaya-train runs, what zaya-generate runs, the kernels
 GENERATE_DEFAULTS = {"batch": 1, "prompt_len": 1024, "max_len": 2048}
 
 
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tpu:v5p-N | tpu:v5e-N | tpu:v5p:AxBxC | gpu:h100xN | gpu:h200xN | cpu:N")
     parser.add_argument("--program", default="train",
                         help=f"what to compile: {' | '.join(PROGRAMS)} (default train: the training step; generate: "
-                             "zaya-generate's prefill and one decode step)")
+                             "zaya-generate's prefill and one decode step; kernels: the Pallas kernels at the config's shapes)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set mesh.fsdp=-1")
     parser.add_argument("--margin", type=float, default=None,
@@ -506,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.memory_gib <= 0:
                 raise ValueError(f"--memory-gib must be > 0, got {args.memory_gib}")
             target = dataclasses.replace(target, hbm_bytes=int(args.memory_gib * GIB))
-        if args.program == "generate":
+        if args.program == "kernels":
+            report = compile_kernels(cfg.model, target)
+            fits = all(case.compiled for case in report.cases)
+            text, fields = format_kernels_report(report), {}
+        elif args.program == "generate":
             settings = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in GENERATE_DEFAULTS.items()}
             report = compile_generate(cfg, target, settings["batch"], settings["prompt_len"], settings["max_len"])
             fits, text, fields = report.fits, format_generate_report(report), {"fits": report.fits}

@@ -298,3 +298,12 @@ def test_the_tile_rules_are_the_ones_the_lowering_enforces(platform, heads_q, he
         assert "\n" not in message and message.startswith(f"attention_impl 'pallas' on {ours}: ")
         assert f"head_dim = {head_dim}" in message or f"= {heads_q // heads_kv}:" in message
     check_tiles(dataclasses.replace(config, attention_impl="xla"), ours)  # no kernels, no tiles to check
+
+
+def test_a_prologue_tile_shorter_than_the_conv_history_is_a_clear_error():
+    """A tile reads the conv history from the tile before it, so block_s >= (k_dw - 1) + (k_gr - 1)."""
+    from zaya_jax.kernels.cca_prologue import fused_prologue
+
+    q0, k0, segments, cos, sin, params = _prologue_inputs(jnp.float32, 3, 3)  # history 4
+    with pytest.raises(ValueError, match=r"block_s \(2\) must be at least the conv history .* = 4"):
+        fused_prologue(q0, k0, segments, cos, sin, params, 2, POISONED)

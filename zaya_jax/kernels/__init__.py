@@ -6,6 +6,9 @@ the kernels' modules, when their block shapes change, change it with them."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -63,17 +66,34 @@ def check_tiles(config: Any, platform: str | None = None) -> None:
         raise ValueError(f"attention_impl 'pallas' on {platform}: " + "; ".join(problems))
 
 
-def compiler_params(interpret, grid_rank: int):
+# Per-kernel Mosaic scoped-VMEM limits (bytes, by pallas_call name) set by `mosaic_vmem_limits`; a kernel not
+# named gets the compiler's default limit.
+_VMEM_LIMITS: contextvars.ContextVar[Mapping[str, int]] = contextvars.ContextVar("vmem_limits", default={})
+
+
+@contextlib.contextmanager
+def mosaic_vmem_limits(limits: Mapping[str, int]) -> Iterator[None]:
+    """Kernels traced inside this block ask Mosaic for these scoped-VMEM limits ({pallas_call name: bytes});
+    train/compile_kernels.py uses it to find the VMEM each kernel needs (Mosaic refuses a kernel above its limit)."""
+    token = _VMEM_LIMITS.set(dict(limits))
+    try:
+        yield
+    finally:
+        _VMEM_LIMITS.reset(token)
+
+
+def compiler_params(interpret, grid_rank: int, name: str):
     """Mosaic settings on TPU (every grid axis "parallel": each program writes only its own output blocks, so
     Mosaic may split any axis across TensorCores); Triton settings elsewhere: the kernels use Pallas's generic
     primitives (refs, BlockSpecs, fori_loop), which the Triton lowering takes, while the Mosaic GPU lowering wants
-    warpgroup-level code. Nothing in the interpreter."""
+    warpgroup-level code. Nothing in the interpreter. `name` is the pallas_call's, for `mosaic_vmem_limits`."""
     if interpret is not False:
         return None
     if target_platform() == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank,
+                                    vmem_limit_bytes=_VMEM_LIMITS.get().get(name))
     from jax.experimental.pallas import triton as pltriton
 
     return pltriton.CompilerParams(num_warps=4, num_stages=2)

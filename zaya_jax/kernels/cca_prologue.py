@@ -39,28 +39,44 @@ class PrologueParams(NamedTuple):
     temperature: jax.Array  # [Hkv]
 
 
-def _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, *, block_s, heads_q, head_dim, groups,
-                k_dw, k_gr, dtype):
-    """The group's pre-norm q and k on this tile, recomputed from the packed columns (forward and backward).
+def _shifted(cur_ref, prev_ref, same_ref, col, shift, *, block_s, head_dim, dtype):
+    """Rows t - shift of the tile for one head's columns [col, col + D): [bs, D] in dtype, zero where row t - shift
+    is another document or before the sequence (same_ref[shift] == 0). Rows before the tile come from the previous
+    tile's block; the shift is a 0/1 matrix product (exact: one nonzero per row, float32 accumulation), the one
+    row shift both Mosaic and Triton compile (an unaligned slice is refused by Mosaic, value slicing by Triton)."""
+    cols = pl.ds(col, head_dim)
+    cur = cur_ref[:, cols].astype(dtype)
+    if shift:
+        t = jax.lax.broadcasted_iota(jnp.int32, (block_s, block_s), 0)
+        r = jax.lax.broadcasted_iota(jnp.int32, (block_s, block_s), 1)
+        precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+        pick = lambda rows, x: jnp.dot(jnp.where(rows, 1.0, 0.0).astype(dtype), x,  # noqa: E731
+                                       preferred_element_type=jnp.float32, precision=precision)
+        cur = (pick(r == t - shift, cur) + pick(r == t - shift + block_s, prev_ref[:, cols].astype(dtype)))
+    return jnp.where(same_ref[shift] != 0, cur, 0).astype(dtype)
+
+
+def _group_tile(q_ref, q_prev_ref, k_ref, k_prev_ref, same_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, *, block_s,
+                heads_q, head_dim, groups, k_dw, k_gr, dtype):
+    """The group's pre-norm q and k on this tile, recomputed from the group's q0 / k0 columns (forward and
+    backward).
 
     -> (u [G + 1] of [bs, D] in dtype (the G query heads, then the KV head), depthwise[j2] [G + 1] of [bs, D],
         the group's weights w_gr[j2][G + 1] of [D, D]). Every head's columns are loaded from the refs rather than
     sliced out of a loaded value, which the Triton lowering does not support."""
     g = pl.program_id(2)
     history = k_dw - 1 + k_gr - 1
-    row0 = pl.program_id(1) * block_s
     d = head_dim
-    seg = seg_ref[pl.ds(row0 + history, block_s), :]  # [bs, 1]
-    heads = [(g * groups * d + h * d, g * groups + h) for h in range(groups)]  # (first column, head index)
-    heads.append((heads_q * d + g * d, heads_q + g))
+    # (tile refs, first column in the block, first column in [q0 | k0] (the conv parameters), head index)
+    heads = [(q_ref, q_prev_ref, h * d, pl.multiple_of(g * groups * d + h * d, d), g * groups + h)
+             for h in range(groups)]
+    heads.append((k_ref, k_prev_ref, 0, pl.multiple_of(heads_q * d + g * d, d), heads_q + g))
 
     u, depthwise, weights, p0 = [], [[] for _ in range(k_gr)], [[] for _ in range(k_gr)], []
-    for col, head in heads:
-        cols = pl.ds(col, d)
-        shifted = []  # P_{t - shift} for the tile, zero across a document boundary
-        for shift in range(history + 1):
-            rows = pl.ds(row0 + history - shift, block_s)
-            shifted.append(jnp.where(seg_ref[rows, :] == seg, ext_ref[rows, cols], 0).astype(dtype))
+    for cur_ref, prev_ref, col, param_col, head in heads:
+        shifted = [_shifted(cur_ref, prev_ref, same_ref, col, shift, block_s=block_s, head_dim=d, dtype=dtype)
+                   for shift in range(history + 1)]  # P_{t - shift}, zero across a document boundary
+        cols = pl.ds(param_col, d)
         b_dw = b_dw_ref[:, cols].astype(jnp.float32)  # [1, D]
         acc = jnp.zeros((block_s, d), jnp.float32)
         for j2 in range(k_gr):
@@ -89,11 +105,12 @@ def _rotate(x, rotate_ref):
     return jnp.dot(x, rotate_ref[...].astype(x.dtype), preferred_element_type=jnp.float32, precision=precision)
 
 
-def _forward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref,
-                    q_ref, k_ref, *, eps, **dims):
+def _forward_kernel(q0_ref, q0_prev_ref, k0_ref, k0_prev_ref, same_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref,
+                    b_dw_ref, w_gr_ref, b_gr_ref, temp_ref, q_ref, k_ref, *, eps, **dims):
     d, groups = dims["head_dim"], dims["groups"]
     dtype = q_ref.dtype
-    u, _, _ = _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, dtype=dtype, **dims)
+    u, _, _ = _group_tile(q0_ref, q0_prev_ref, k0_ref, k0_prev_ref, same_ref, w_dw_ref, b_dw_ref, w_gr_ref,
+                          b_gr_ref, dtype=dtype, **dims)
     # cos / sin are [bs, D]: 1 / 0 past the rotary dims, so RoPE is x * cos + (x R) * sin over the whole head
     # (rounded to the compute dtype as the reference rounds them).
     cos = cos_ref[...].astype(dtype).astype(jnp.float32)
@@ -110,17 +127,17 @@ def _forward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b_
     k_ref[...] = finish(u[groups], temp_ref[pl.program_id(2)])
 
 
-def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, temp_ref,
-                     dq_ref, dk_ref, d_dw_q_ref, d_dw_k_ref, direct_q_ref, direct_k_ref, dw_q_ref, dw_k_ref, db_q_ref,
+def _backward_kernel(q0_ref, q0_prev_ref, k0_ref, k0_prev_ref, same_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref,
+                     b_dw_ref, w_gr_ref, b_gr_ref, temp_ref, dq_ref, dk_ref, d_dw_q_ref, d_dw_k_ref, direct_q_ref, direct_k_ref, dw_q_ref, dw_k_ref, db_q_ref,
                      db_k_ref, dtemp_ref, *, eps, **dims):
     """Per tile: back through RoPE, the norm and temperature, the q-k mean and the grouped conv. Writes the
     gradients of the depthwise outputs (the depthwise conv's transpose is an elementwise stencil, left to XLA),
     the q-k mean's direct gradients of q0 / k0, this tile's partial sums of the grouped weights and biases, and
     the temperature's gradient per row."""
     d, groups, k_gr = dims["head_dim"], dims["groups"], dims["k_gr"]
-    dtype = ext_ref.dtype
-    u, depthwise, weights = _group_tile(ext_ref, seg_ref, w_dw_ref, b_dw_ref, w_gr_ref, b_gr_ref, dtype=dtype,
-                                        **dims)
+    dtype = q0_ref.dtype
+    u, depthwise, weights = _group_tile(q0_ref, q0_prev_ref, k0_ref, k0_prev_ref, same_ref, w_dw_ref, b_dw_ref,
+                                        w_gr_ref, b_gr_ref, dtype=dtype, **dims)
     cos, sin = cos_ref[...].astype(jnp.float32), sin_ref[...].astype(jnp.float32)
     temperature = temp_ref[pl.program_id(2)]
 
@@ -164,8 +181,9 @@ def _backward_kernel(ext_ref, seg_ref, cos_ref, sin_ref, rotate_ref, w_dw_ref, b
 class _Layout(NamedTuple):
     """The padded kernel inputs and the static sizes, shared by the forward and backward calls."""
 
-    ext: jax.Array  # [B, K + S', C]: K zero columns (no earlier tokens), the sequence, padding to whole tiles
-    seg: jax.Array  # [B, K + S', 1] int32 (padding -1)
+    q0: jax.Array  # [B, S', Hq * D]: the sequence padded to whole tiles
+    k0: jax.Array  # [B, S', Hkv * D]
+    same: jax.Array  # [B, K + 1, S', 1] int32: 1 where row t - shift is in row t's document (shift = axis 1)
     cos: jax.Array  # [B, S', D] float32 (1 past the rotary dims)
     sin: jax.Array  # [B, S', D] float32 (0 past the rotary dims)
     rotate: jax.Array  # [D, D]: x @ rotate = rotate_half(x) on the rotary dims, 0 elsewhere
@@ -174,16 +192,34 @@ class _Layout(NamedTuple):
     padded: int
 
 
+def _history_padded(q0, k0, segment_ids, history: int) -> tuple[jax.Array, jax.Array]:
+    """[q0 | k0] with `history` zero rows before the sequence [B, K + S, C], and the segment ids over the same rows
+    [B, K + S] (the history rows carry the first token's id: they are the zero padding a document starts with)."""
+    packed = jnp.pad(jnp.concatenate([q0, k0], axis=-1), ((0, 0), (history, 0), (0, 0)))
+    seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], history, axis=1), segment_ids], axis=1)
+    return packed, seg.astype(jnp.int32)
+
+
 def _layout(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int) -> _Layout:
     batch, seq, q_width = q0.shape
     k_dw, _ = params.w_dw.shape
     k_gr, _, head_dim, _ = params.w_gr.shape
     heads_q, heads_kv = q_width // head_dim, k0.shape[2] // head_dim
     history = k_dw - 1 + k_gr - 1
+    if history > block_s:
+        raise ValueError(f"fused_prologue: block_s ({block_s}) must be at least the conv history "
+                         f"(k_dw - 1) + (k_gr - 1) = {history}: a tile reads its history from the previous tile")
     padded = -(-seq // block_s) * block_s
-    ext = jnp.pad(jnp.concatenate([q0, k0], axis=-1), ((0, 0), (history, padded - seq), (0, 0)))
-    seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], history, axis=1), segment_ids,
-                           jnp.full((batch, padded - seq), -1, segment_ids.dtype)], axis=1).astype(jnp.int32)[..., None]
+    pad_rows = lambda x, value=0: jnp.pad(x, ((0, 0), (0, padded - seq)) + ((0, 0),) * (x.ndim - 2),  # noqa: E731
+                                          constant_values=value)
+    seg = segment_ids.astype(jnp.int32)
+    # same[b, shift, t]: row t - shift exists and is in row t's document (padding rows: id -1, their own document).
+    def same_document(shift):  # [B, S] for rows t >= shift; False before
+        rows = max(seq - shift, 0)
+        return jnp.pad(seg[:, :rows] == seg[:, seq - rows:], ((0, 0), (seq - rows, 0)))
+
+    same = jnp.stack([same_document(shift) for shift in range(history + 1)], axis=1).astype(jnp.int32)
+    same = jnp.pad(same, ((0, 0), (0, 0), (0, padded - seq)))[..., None]
     rotary = cos.shape[-1]
     # Full-width cos / sin: 1 and 0 on the dims RoPE leaves alone.
     widen = lambda x, fill: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, padded - seq), (0, head_dim - rotary)),  # noqa: E731
@@ -194,7 +230,7 @@ def _layout(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int)
               .at[index + half, index].set(-1.0).at[index, index + half].set(1.0))
     dims = dict(block_s=block_s, heads_q=heads_q, head_dim=head_dim, groups=heads_q // heads_kv, k_dw=k_dw,
                 k_gr=k_gr)
-    return _Layout(ext, seg, widen(cos, 1.0), widen(sin, 0.0), rotate, dims, seq, padded)
+    return _Layout(pad_rows(q0), pad_rows(k0), same, widen(cos, 1.0), widen(sin, 0.0), rotate, dims, seq, padded)
 
 
 def _kernel_params(params: PrologueParams) -> PrologueParams:
@@ -204,19 +240,22 @@ def _kernel_params(params: PrologueParams) -> PrologueParams:
 
 
 def _in_specs(lay: _Layout, params: PrologueParams, interpret):
-    batch, rows, channels = lay.ext.shape
-    d = lay.dims["head_dim"]
-    bs = lay.dims["block_s"]
-    whole = lambda shape: pl.BlockSpec(shape, lambda b, i, g: (0,) * len(shape))  # noqa: E731
-    return [pl.BlockSpec((None, rows, channels), lambda b, i, g: (b, 0, 0)),
-            pl.BlockSpec((None, rows, 1), lambda b, i, g: (b, 0, 0)),
-            pl.BlockSpec((None, bs, d), lambda b, i, g: (b, i, 0)),
-            pl.BlockSpec((None, bs, d), lambda b, i, g: (b, i, 0)),
+    d, g, bs = lay.dims["head_dim"], lay.dims["groups"], lay.dims["block_s"]
+    shifts = lay.same.shape[1]
+    whole = lambda shape: pl.BlockSpec(shape, lambda b, i, h: (0,) * len(shape))  # noqa: E731
+    # Each program reads its tile and the tile before it (the first tile reads itself there: `same` masks it).
+    tile = lambda width: pl.BlockSpec((None, bs, width), lambda b, i, h: (b, i, h))  # noqa: E731
+    previous = lambda width: pl.BlockSpec((None, bs, width),  # noqa: E731
+                                          lambda b, i, h: (b, jnp.maximum(i - 1, 0), h))
+    return [tile(g * d), previous(g * d), tile(d), previous(d),
+            pl.BlockSpec((None, shifts, bs, 1), lambda b, i, h: (b, 0, i, 0)),
+            pl.BlockSpec((None, bs, d), lambda b, i, h: (b, i, 0)),
+            pl.BlockSpec((None, bs, d), lambda b, i, h: (b, i, 0)),
             whole((d, d))] + [whole(p.shape) for p in params[:-1]] + [scalars_spec(interpret)]
 
 
 def _grid(lay: _Layout, heads_kv: int):
-    return (lay.ext.shape[0], lay.padded // lay.dims["block_s"], heads_kv)
+    return (lay.q0.shape[0], lay.padded // lay.dims["block_s"], heads_kv)
 
 
 def _fused_forward(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_s: int, interpret):
@@ -234,9 +273,9 @@ def _fused_forward(q0, k0, segment_ids, cos, sin, params: PrologueParams, block_
         out_shape=[jax.ShapeDtypeStruct((batch, lay.padded, heads_q * d), dtype),
                    jax.ShapeDtypeStruct((batch, lay.padded, heads_kv * d), dtype)],
         interpret=interpret,
-        compiler_params=compiler_params(interpret, 3),
+        compiler_params=compiler_params(interpret, 3, "cca_prologue"),
         name="cca_prologue",
-    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *kernel_params)
+    )(lay.q0, lay.q0, lay.k0, lay.k0, lay.same, lay.cos, lay.sin, lay.rotate, *kernel_params)
     seq = lay.seq
     return q[:, :seq].reshape(batch, seq, heads_q, d), k[:, :seq].reshape(batch, seq, heads_kv, d)
 
@@ -277,17 +316,18 @@ def _fused_backward(q0, k0, segment_ids, cos, sin, params: PrologueParams, dq, d
             jax.ShapeDtypeStruct((batch, heads_kv, lay.padded, 1), f32),
         ],
         interpret=interpret,
-        compiler_params=compiler_params(interpret, 3),
+        compiler_params=compiler_params(interpret, 3, "cca_prologue_backward"),
         name="cca_prologue_backward",
-    )(lay.ext, lay.seg, lay.cos, lay.sin, lay.rotate, *kernel_params, pad_rows(dq), pad_rows(dk))
+    )(lay.q0, lay.q0, lay.k0, lay.k0, lay.same, lay.cos, lay.sin, lay.rotate, *kernel_params, pad_rows(dq),
+      pad_rows(dk))
     d_dw_q, d_dw_k, direct_q, direct_k, dw_q, dw_k, db_q, db_k, dtemp = outputs
 
     # The depthwise conv's transpose, an elementwise stencil over the K + 1 shifts (XLA fuses it):
     # D_j2(t) = b_dw + sum_j1 w_dw[j1] * m_s(t) P(t - s), s = K - j1 - j2, m_s = same document.
     history = k_dw - 1 + k_gr - 1
     d_dw = jnp.concatenate([d_dw_q, d_dw_k], axis=-1)[:, :seq]  # [B, S, k_gr, C]
-    ext = lay.ext[:, :history + seq].astype(f32)
-    seg = lay.seg[:, :history + seq, 0]
+    ext, seg = _history_padded(q0, k0, segment_ids, history)
+    ext = ext.astype(f32)
     here = seg[:, history:]
     w_dw = params.w_dw.astype(f32)
     d_ext = jnp.zeros(ext.shape, f32)

@@ -65,7 +65,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         interpret=interpret,
-        compiler_params=compiler_params(interpret, 2),
+        compiler_params=compiler_params(interpret, 2, "cca_decode_attention"),
         name="cca_decode_attention",
     )(jnp.reshape(position, (1,)).astype(jnp.int32), qg, k_cache, v_cache, valid.astype(jnp.int32)[:, None, :])
     return out.reshape(batch, heads_q, head_dim)

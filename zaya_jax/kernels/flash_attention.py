@@ -174,7 +174,7 @@ def _forward(q, k, v, q_segments, kv_segments, q_start, block_q, block_k, interp
         out_shape=[jax.ShapeDtypeStruct(qh.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads_q, s_pad, 1), jnp.float32)],
         interpret=interpret,
-        compiler_params=compiler_params(interpret, 3),
+        compiler_params=compiler_params(interpret, 3, "cca_flash_forward"),
         name="cca_flash_forward",
     )(*inputs)
     return out[:, :, :seq_q].transpose(0, 2, 1, 3), (inputs, out, lse)
@@ -209,7 +209,7 @@ def _flash_bwd(block_q, block_k, interpret, saved, d_out):
         out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(qh.shape, qh.dtype),
         interpret=interpret,
-        compiler_params=compiler_params(interpret, 3),
+        compiler_params=compiler_params(interpret, 3, "cca_flash_dq"),
         name="cca_flash_dq",
     )(*inputs, do, lse, delta)
 
@@ -226,7 +226,7 @@ def _flash_bwd(block_q, block_k, interpret, saved, d_out):
         out_specs=[k_tile, k_tile],
         out_shape=[jax.ShapeDtypeStruct(kh.shape, kh.dtype), jax.ShapeDtypeStruct(kh.shape, kh.dtype)],
         interpret=interpret,
-        compiler_params=compiler_params(interpret, 3),
+        compiler_params=compiler_params(interpret, 3, "cca_flash_dkv"),
         name="cca_flash_dkv",
     )(*inputs, do, lse, delta)
 
