@@ -18,8 +18,9 @@ document inside a packed row computes exactly what it computes alone, and left-p
 `conv_mask` zeroing.
 
 `conv_history` [B, K, C] and `value_history` [B, Hkv*D/2] carry the state of earlier tokens (cached decoding, and
-each chunk of a context-parallel sequence: zaya_jax/parallel/context.py); zeros mean "start of sequence". `prologue_reference` is everything from q0, k0 to the attention's q and k, in XLA;
-with attention_impl "pallas" the fused kernel of zaya_jax/kernels/cca_prologue.py computes it instead.
+each chunk of a context-parallel sequence: zaya_jax/parallel/context.py); zeros mean "start of sequence".
+`prologue_reference` is everything from q0, k0 to the attention's q and k, in XLA; with attention_impl "pallas"
+the fused kernel of zaya_jax/kernels/cca_prologue.py computes it instead.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ class CCAttention(nnx.Module):
         chunks = lambda a: a.reshape(b * 2, c, *a.shape[2:])  # noqa: E731  two chunks per row -> two rows
         x, segment_ids, positions = chunks(x.astype(dtype)), chunks(segment_ids), chunks(positions)
         tail_x = x[:, c - pad:]
-        packed_tail = jnp.concatenate([tail_x @ self.q_proj[...].astype(dtype), tail_x @ self.k_proj[...].astype(dtype)],
-                                      axis=-1)
+        packed_tail = jnp.concatenate(
+            [tail_x @ self.q_proj[...].astype(dtype), tail_x @ self.k_proj[...].astype(dtype)], axis=-1)
         zeros = jnp.zeros((b * 2, pad, cfg.conv_channels), dtype)
         tails = (self._next_conv_history(packed_tail, segment_ids[:, c - pad:], zeros),
                  x[:, -1] @ self.v_delayed[...].astype(dtype), segment_ids[:, -1])
