@@ -23,6 +23,7 @@ from typing import Any
 
 from sharding.mesh import MeshConfig
 from train.balancer import BalancerConfig
+from train.data.packing import PACKINGS
 from train.optim import OptimizerConfig
 from zaya_jax.config import ZayaConfig, check_field_types, check_type, load_yaml
 from zaya_jax.parallel.context import dual_chunk_order
@@ -37,7 +38,8 @@ class DataConfig:
     trim: bool = True  # answer-preserving trimming of samples longer than seq_len
     on_error: str = "raise"  # malformed records: "raise" or "skip" (counted, reported at the end and in summary.json)
     on_empty: str = "warn"  # most of the source's first 256 documents empty (bos/eos alone): "warn" or "raise"
-    pack_buffer_size: int = 256  # documents buffered for first-fit-decreasing packing
+    pack_buffer_size: int = 256  # documents buffered and packed together into rows (more: less padding)
+    packing: str = "first_fit"  # longest document first into the first ("first_fit") or fullest ("best_fit") row it fits
     read_shards: int = 0  # independent reader pipelines making up the global batch; 0 = one per process
     eval_source: str = "synthetic:heldout"  # held-out source for the end-of-run answer accuracy
     eval_samples: int = 64  # held-out problems decoded greedily at the end of the run; 0 = no evaluation
@@ -51,6 +53,8 @@ class DataConfig:
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
         if self.on_empty not in ("warn", "raise"):
             raise ValueError(f"data.on_empty must be 'warn' or 'raise', got {self.on_empty!r}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"data.packing must be one of {PACKINGS}, got {self.packing!r}")
         if self.read_shards < 0:
             raise ValueError(f"data.read_shards must be >= 0, got {self.read_shards}")
         for name in ("pack_buffer_size", "eval_max_new_tokens"):

@@ -38,7 +38,14 @@ from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
 from train.checkpoint import Checkpointer
 from train.config import DataConfig, TrainConfig
-from train.data import is_empty_record, load_tokenizer, make_dataset, open_source, pipeline_counters
+from train.data import (
+    is_empty_record,
+    load_tokenizer,
+    make_dataset,
+    open_source,
+    packing_efficiency,
+    pipeline_counters,
+)
 from train.data.hosts import HostBatches
 from train.data.synthetic import answer_accuracy
 from train.describe import config_changes, config_warnings, run_description, start_line
@@ -73,7 +80,7 @@ class RunSummary:
     heldout_accuracy: float | None
     wall_time_s: float
     interrupted: bool
-    data_counters: dict[str, int]
+    data_counters: dict[str, int | float | None]
     skipped_steps: int
 
 
@@ -215,7 +222,7 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
             return iter(make_dataset(
                 source, tokenizer, cfg.data.seq_len, rows, seed=run.seed, shard_index=shard_index,
                 shard_count=shard_count, completion_only=cfg.data.completion_only, trim=cfg.data.trim,
-                pack_buffer_size=cfg.data.pack_buffer_size,
+                pack_buffer_size=cfg.data.pack_buffer_size, packing=cfg.data.packing,
             ))
 
         data_iter = HostBatches(make_iterator, batch_size=run.batch_size, read_shards=read_shards,
@@ -342,14 +349,17 @@ def all_data_states(data_iter: HostBatches) -> dict[str, Any]:
     return merged
 
 
-def data_counters(data_iter: HostBatches, source: Any) -> dict[str, int]:
-    """The pipeline's counters (kept, trimmed, dropped, chunked: documents read so far) summed over the reader
-    shards; `skipped` adds the malformed records that data.on_error=skip left out of the source when it opened."""
-    totals: dict[str, int] = {}
+def data_counters(data_iter: HostBatches, source: Any) -> dict[str, int | float | None]:
+    """The pipeline's counters (kept, trimmed, dropped, chunked: documents read so far; document_tokens,
+    padding_tokens: of the rows emitted) summed over the reader shards; `skipped` adds the malformed records that
+    data.on_error=skip left out of the source when it opened; `packing_efficiency` is the fraction of the emitted
+    rows' tokens that are document tokens (None before any row)."""
+    totals: dict[str, int | float | None] = {}
     for it in data_iter.iterators.values():
         for key, value in pipeline_counters(it).items():
             totals[key] = totals.get(key, 0) + value
     totals["skipped"] = totals.get("skipped", 0) + getattr(source, "skipped", 0)
+    totals["packing_efficiency"] = packing_efficiency(totals)
     return totals
 
 

@@ -33,7 +33,8 @@ from zaya_jax.attention import attend, attend_cached, pallas_interpret
 from zaya_jax.cache import LayerCache
 from zaya_jax.config import ZayaConfig
 from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
-from zaya_jax.layers import apply_partial_rope, compute_dtype, constant_param, dense_init, rotary_embedding
+from zaya_jax.layers import (apply_partial_rope, compute_dtype, constant_param, dense_init, matmul,
+                             rotary_embedding)
 from zaya_jax.parallel.context import attend_chunks, context_split, exchange_halo, over_context
 
 
@@ -73,8 +74,8 @@ class CCAttention(nnx.Module):
         b, s, _ = x.shape
         d, hkv = cfg.head_dim, cfg.kv_heads
         x = x.astype(dtype)
-        q0 = x @ self.q_proj[...].astype(dtype)
-        k0 = x @ self.k_proj[...].astype(dtype)
+        q0 = matmul(x, self.q_proj[...])
+        k0 = matmul(x, self.k_proj[...])
         cos, sin = rotary_embedding(positions, cfg.rotary_dim, cfg.rope_theta)
         params = PrologueParams(self.conv_depthwise[...], self.conv_depthwise_bias[...], self.conv_grouped[...],
                                 self.conv_grouped_bias[...], self.temperature[...])
@@ -85,8 +86,8 @@ class CCAttention(nnx.Module):
         else:
             q, k = prologue_reference(q0, k0, segment_ids, cos, sin, params, conv_history)
 
-        v_cur = x @ self.v_current[...].astype(dtype)
-        v_del = x @ self.v_delayed[...].astype(dtype)
+        v_cur = matmul(x, self.v_current[...])
+        v_del = matmul(x, self.v_delayed[...])
         if value_history is None:
             value_history = jnp.zeros_like(v_del[:, 0])
         prev = jnp.concatenate([value_history[:, None].astype(dtype), v_del[:, :-1]], axis=1)
@@ -153,11 +154,10 @@ class CCAttention(nnx.Module):
         chunks = lambda a: a.reshape(b * 2, c, *a.shape[2:])  # noqa: E731  two chunks per row -> two rows
         x, segment_ids, positions = chunks(x.astype(dtype)), chunks(segment_ids), chunks(positions)
         tail_x = x[:, c - pad:]
-        packed_tail = jnp.concatenate(
-            [tail_x @ self.q_proj[...].astype(dtype), tail_x @ self.k_proj[...].astype(dtype)], axis=-1)
+        packed_tail = jnp.concatenate([matmul(tail_x, self.q_proj[...]), matmul(tail_x, self.k_proj[...])], axis=-1)
         zeros = jnp.zeros((b * 2, pad, cfg.conv_channels), dtype)
         tails = (self._next_conv_history(packed_tail, segment_ids[:, c - pad:], zeros),
-                 x[:, -1] @ self.v_delayed[...].astype(dtype), segment_ids[:, -1])
+                 matmul(x[:, -1], self.v_delayed[...]), segment_ids[:, -1])
         tails = jax.tree.map(lambda a: a.reshape(b, 2, *a.shape[1:]), tails)
         conv, value, previous_segment = jax.tree.map(lambda a: a.reshape(b * 2, *a.shape[2:]),
                                                      exchange_halo(tails, axis, shards))
@@ -194,7 +194,7 @@ class CCAttention(nnx.Module):
 
     def _output(self, out: jax.Array) -> jax.Array:
         dtype = compute_dtype(self.config)
-        return out.reshape(*out.shape[:2], -1) @ self.o_proj[...].astype(dtype)
+        return matmul(out.reshape(*out.shape[:2], -1).astype(dtype), self.o_proj[...])
 
 
 def prologue_reference(q0: jax.Array, k0: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array,

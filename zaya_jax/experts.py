@@ -5,9 +5,12 @@ second I = up), down [E, I, H]. For tokens x [T, H] routed to expert e_t with we
 
     y_t = p_t * (silu(x_t Wg[e_t]) * (x_t Wu[e_t])) Wd[e_t]          # y [T, H]
 
-Skip-class tokens arrive with p_t = 0 and any valid expert index; their output is zero. Two dropless
+Skip-class tokens arrive with p_t = 0 and any valid expert index; their output is zero. Three dropless
 implementations compute the same y:
 - `experts_sorted`: sort tokens by expert, grouped matmul (`jax.lax.ragged_dot`) over contiguous groups, unsort.
+- `experts_gathered`: each token's own expert's weights gathered ([T, H, 2I] and [T, I, H]), then one batched
+  matmul: reads T experts' weights instead of all E, which is what a few tokens (decoding, short prompts) need on
+  a backend where `ragged_dot` computes every expert (XLA:CPU: 16x the work of one token's expert at T = 1).
 - `experts_dense`: every token through every expert, then select (E times the FLOPs; the reference).
 and one with a capacity, which drops (and counts) the tokens past it:
 - `experts_padded`: GShard-style. Tokens in groups (one batch row each); in every group expert e takes its first
@@ -53,11 +56,20 @@ def experts_sorted(
     num_experts = gate_up.shape[0]
     order = jnp.argsort(expert, stable=True)
     group_sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
-    h = _swiglu(jax.lax.ragged_dot(x[order], gate_up, group_sizes))
-    y_sorted = jax.lax.ragged_dot(h, down, group_sizes)
+    # float32 accumulation asked for explicitly, so XLA:CPU does not convert every expert's weights to float32.
+    h = _swiglu(jax.lax.ragged_dot(x[order], gate_up, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype))
+    y_sorted = jax.lax.ragged_dot(h, down, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     return y * weight[:, None].astype(y.dtype)
 
+
+def experts_gathered(
+    x: jax.Array, expert: jax.Array, weight: jax.Array, gate_up: jax.Array, down: jax.Array
+) -> jax.Array:
+    """x [T, H], expert [T] int in [0, E), weight [T] -> y [T, H] through each token's gathered expert weights."""
+    h = _swiglu(jnp.einsum("th,thf->tf", x, gate_up[expert], preferred_element_type=jnp.float32).astype(x.dtype))
+    y = jnp.einsum("ti,tih->th", h, down[expert], preferred_element_type=jnp.float32).astype(x.dtype)
+    return y * weight[:, None].astype(y.dtype)
 
 
 def capacity_slots(tokens: int, buckets: int, capacity_factor: float) -> int:

@@ -1,4 +1,5 @@
-"""Cached decoding: prefill the prompt once, then one compiled `lax.while_loop` of single-token steps.
+"""Cached decoding: prefill the prompt once (one compiled program), then a compiled `lax.while_loop` of
+single-token steps (a second one).
 
     generate(model, input_ids [B, P], max_new_tokens=N, attention_mask [B, P] (left padding), temperature,
              top_k, top_p, stop_tokens, seed) -> GenerateOutput(tokens [B, N] int32, lengths [B] int32)
@@ -11,6 +12,10 @@ the top_k most likely tokens (0 = all) and to the smallest set whose probability
 
 Streaming: `on_tokens(tokens [B], done [B])` is called from inside the compiled loop (an ordered io_callback) with
 each step's tokens, so a caller can print text as it decodes; `done` marks rows that had already stopped.
+
+The two programs the loop is made of, which zaya-compile also compiles on their own (train/compile.py):
+    prefill(model, input_ids [B, P], mask [B, P], cache_len T, key, sampling) -> (token [B], position [B], cache, key)
+    decode_step(model, token [B], position [B], cache, key, sampling) -> (token [B], position [B], cache, key)
 
     generate_ids(model, prompts: list of id lists, max_new_tokens, ...) -> list of generated id lists
 left-pads prompts of any lengths (to `pad_to` when given, so repeated calls share one compiled program) and decodes
@@ -28,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from zaya_jax.cache import init_cache
+from zaya_jax.cache import Cache, init_cache
 from zaya_jax.model import ZayaForCausalLM, check_token_ids
 
 
@@ -53,6 +58,32 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_k: i
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class Sampling(NamedTuple):
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = all tokens
+    top_p: float = 1.0  # 1.0 = all tokens
+
+
+def prefill(model: ZayaForCausalLM, input_ids: jax.Array, mask: jax.Array, cache_len: int, key: jax.Array,
+            sampling: Sampling) -> tuple[jax.Array, jax.Array, Cache, jax.Array]:
+    """The prompt through a fresh cache of `cache_len` slots: input_ids, mask [B, P] (left padding) ->
+    (first generated token [B], its position [B], the cache holding the P prompt slots, the next key)."""
+    cache = init_cache(model.config, input_ids.shape[0], cache_len)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = model.cached_forward(input_ids, positions, mask, cache, last_only=True)
+    key, sub = jax.random.split(key)
+    return sample_token(logits[:, 0], sub, *sampling), positions[:, -1] + 1, cache, key
+
+
+def decode_step(model: ZayaForCausalLM, token: jax.Array, position: jax.Array, cache: Cache, key: jax.Array,
+                sampling: Sampling) -> tuple[jax.Array, jax.Array, Cache, jax.Array]:
+    """One cached step: the last token [B] at `position` [B] -> (the next token [B], its position [B], the cache
+    with one more slot, the next key)."""
+    logits, cache = model.cached_forward(token[:, None], position[:, None], jnp.ones_like(token)[:, None], cache)
+    key, sub = jax.random.split(key)
+    return sample_token(logits[:, 0], sub, *sampling), position + 1, cache, key
 
 
 def generate(
@@ -144,23 +175,27 @@ def generate_ids(
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
               stops: tuple[int, ...], pad_id: int, stream: bool):
+    """run(state, input_ids, mask, key) -> GenerateOutput: two compiled programs, the prefill (prompt -> cache and
+    first token) and the decode loop, so the first token does not wait for the loop's compilation (nor, with
+    max_new_tokens=1, compile it at all)."""
     stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)
+    sampling = Sampling(temperature, top_k, top_p)
 
     @jax.jit
-    def run(state, input_ids, mask, key):
+    def first_token(state, input_ids, mask, key):
         model = nnx.merge(graphdef, state)
         batch, prompt_len = input_ids.shape
-        cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits, cache = model.cached_forward(input_ids, positions, mask, cache, last_only=True)
-        key, sub = jax.random.split(key)
-        token = sample_token(logits[:, 0], sub, temperature, top_k, top_p)
+        token, position, cache, key = prefill(model, input_ids, mask, prompt_len + max_new_tokens, key, sampling)
         out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
         done = jnp.isin(token, stop_ids)
         if stream:
             io_callback(_emit, None, token, jnp.zeros_like(done), ordered=True)
         lengths = jnp.ones((batch,), jnp.int32)
-        position = positions[:, -1] + 1
+        return jnp.ones((), jnp.int32), token, position, cache, done, out, lengths, key
+
+    @jax.jit
+    def decode(state, carry):
+        model = nnx.merge(graphdef, state)
 
         def cond(carry):
             i, _, _, _, done, _, _, _ = carry
@@ -168,20 +203,20 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
 
         def body(carry):
             i, token, position, cache, done, out, lengths, key = carry
-            logits, cache = model.cached_forward(token[:, None], position[:, None], jnp.ones_like(token)[:, None],
-                                                 cache)
-            key, sub = jax.random.split(key)
-            new = sample_token(logits[:, 0], sub, temperature, top_k, top_p)
+            new, position, cache, key = decode_step(model, token, position, cache, key, sampling)
             new = jnp.where(done, pad_id, new)
             if stream:
                 io_callback(_emit, None, new, done, ordered=True)
             out = jax.lax.dynamic_update_index_in_dim(out, new, i, axis=1)
             lengths = lengths + (~done).astype(jnp.int32)
             done = done | jnp.isin(new, stop_ids)
-            return i + 1, new, position + 1, cache, done, out, lengths, key
+            return i + 1, new, position, cache, done, out, lengths, key
 
-        carry = (jnp.ones((), jnp.int32), token, position, cache, done, out, lengths, key)
         _, _, _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, carry)
         return GenerateOutput(out, lengths)
+
+    def run(state, input_ids, mask, key):
+        carry = first_token(state, input_ids, mask, key)
+        return GenerateOutput(carry[5], carry[6]) if max_new_tokens == 1 else decode(state, carry)
 
     return run

@@ -5,6 +5,7 @@
 - `ResidualScaling`: `(h + b_h) * s_h + (res + b_r) * s_r`, the learned residual merge; the residual stream is float32.
 - `rotary_embedding` / `apply_partial_rope`: NeoX (rotate-half) RoPE on the first `rotary_dim` dims of each head.
 - `dense_init`, `DTYPES`: the initializer and dtype table every module uses.
+- `matmul`: x [..., in] @ w [in, out] in x's dtype with float32 accumulation (what every projection uses).
 - `constrain`: pins a key activation to its logical layout (the installed `zaya_jax.axis_rules`) under a mesh.
 """
 
@@ -80,6 +81,22 @@ def constrain(x: jax.Array, kind: str) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, activation_spec(kind, mesh))
+
+
+def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, out_dtype: jnp.dtype | None = None) -> jax.Array:
+    """x [..., in] @ w [in, out] (w [out, in] with transpose_w) -> [..., out] in `out_dtype` (default x's dtype).
+
+    The products accumulate in float32 and are rounded once, which is what a bfloat16 matmul does on every backend;
+    asking for it explicitly matters on XLA:CPU, which otherwise runs a bfloat16-output matmul by converting the
+    whole weight to float32 first. A single row (batch-1 decoding) is computed as two, because XLA:CPU sends a
+    one-row bfloat16 matmul down the same convert-the-weight path: measured 5-10x slower than its bfloat16 kernel
+    for the [2048, 262272] LM head."""
+    single_row = x.ndim >= 2 and x.size == x.shape[-1]
+    if single_row:
+        x = jnp.concatenate([x, x], axis=0)
+    spec = "...i,oi->...o" if transpose_w else "...i,io->...o"
+    out = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (out[:1] if single_row else out).astype(x.dtype if out_dtype is None else out_dtype)
 
 
 def rotary_embedding(positions: jax.Array, rotary_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

@@ -26,7 +26,7 @@ from flax import nnx
 from zaya_jax.cache import Cache, LayerCache
 from zaya_jax.cca import CCAttention
 from zaya_jax.config import ZayaConfig
-from zaya_jax.layers import Affine, RMSNorm, ResidualScaling, compute_dtype, constrain, dense_init
+from zaya_jax.layers import Affine, RMSNorm, ResidualScaling, compute_dtype, constrain, dense_init, matmul
 from zaya_jax.moe import MoE
 
 REMAT_POLICIES = {
@@ -201,13 +201,11 @@ class ZayaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., H] -> logits [..., V] float32 (tied: against the embedding)."""
-        dtype = compute_dtype(self.config)
+        hidden = hidden.astype(compute_dtype(self.config))
         if self.config.tie_word_embeddings:
-            logits = jnp.einsum("...h,vh->...v", hidden, self.embed[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = matmul(hidden, self.embed[...], transpose_w=True, out_dtype=jnp.float32)
         else:
-            logits = jnp.einsum("...h,hv->...v", hidden, self.lm_head[...].astype(dtype),
-                                preferred_element_type=jnp.float32)
+            logits = matmul(hidden, self.lm_head[...], out_dtype=jnp.float32)
         return constrain(logits, "logits") if logits.ndim == 3 else logits
 
 

@@ -2,7 +2,8 @@
 
     x [B, S, H] (normed), router_state [B, S, R] -> y [B, S, H], new router state, choice [B, S], dropped []
 
-On one device the experts run as `zaya_jax.experts` computes them ("sorted": grouped matmul; "dense": every expert;
+On one device the experts run as `zaya_jax.experts` computes them ("sorted": grouped matmul, or with fewer tokens
+than experts each token's gathered expert weights; "dense": every expert;
 "padded": capacity-padded einsum; "expert_parallel" needs a mesh). Under a mesh (`jax.set_mesh` with the
 logical-axis rules installed, see `zaya_jax.axis_rules`), "sorted" and "expert_parallel" dispatch on every device
 only the tokens it holds (`zaya_jax.parallel.expert_dispatch.experts_sharded`), the tokens being split over the
@@ -21,7 +22,7 @@ from flax import nnx
 
 from zaya_jax.axis_rules import installed_rules, mesh_axes, rule_axes
 from zaya_jax.config import ZayaConfig
-from zaya_jax.experts import experts_dense, experts_padded, experts_sorted
+from zaya_jax.experts import experts_dense, experts_gathered, experts_padded, experts_sorted
 from zaya_jax.layers import compute_dtype, dense_init
 from zaya_jax.parallel.expert_dispatch import experts_sharded
 from zaya_jax.router import Router
@@ -77,7 +78,10 @@ def _dispatch(cfg: ZayaConfig, x: jax.Array, expert: jax.Array, weight: jax.Arra
         if cfg.moe_impl == "expert_parallel":
             raise ValueError("moe_impl 'expert_parallel' needs a mesh with an 'expert' axis: call the model under "
                              "sharding.use_mesh(mesh) (zaya-train does)")
-        y = experts_sorted(x.reshape(b * s, h), expert.reshape(-1), weight.reshape(-1), gate_up, down)
+        # Fewer tokens than experts (decoding, short prompts): gathering their experts' weights reads less than the
+        # grouped matmul, which on XLA:CPU computes every expert for every token.
+        dispatch = experts_gathered if b * s < gate_up.shape[0] else experts_sorted
+        y = dispatch(x.reshape(b * s, h), expert.reshape(-1), weight.reshape(-1), gate_up, down)
         return y.reshape(b, s, h), jnp.zeros((), jnp.int32)
     token_axes = mesh_axes(("batch", "length"), mesh)
     to_devices, from_devices = _device_order(mesh, b, s)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from zaya_jax.config import ZayaConfig
-from zaya_jax.layers import RMSNorm, compute_dtype, constant_param, dense_init
+from zaya_jax.layers import RMSNorm, compute_dtype, constant_param, dense_init, matmul
 
 
 class BalancingBias(nnx.Variable):
@@ -50,12 +50,12 @@ class Router(nnx.Module):
         weight [B, S] f32 (zero for the skip class), new router_state [B, S, R])."""
         dtype = compute_dtype(self.config)
         x = x.astype(dtype)
-        state = x @ self.down_proj[...].astype(dtype) + self.down_proj_bias[...].astype(dtype)
+        state = matmul(x, self.down_proj[...]) + self.down_proj_bias[...].astype(dtype)
         state = state + router_state.astype(dtype) * self.eda_scale[...].astype(dtype)
         h = self.norm(state)
-        h = jax.nn.gelu(h @ self.fc1[...].astype(dtype) + self.fc1_bias[...].astype(dtype), approximate=False)
-        h = jax.nn.gelu(h @ self.fc2[...].astype(dtype) + self.fc2_bias[...].astype(dtype), approximate=False)
-        logits = h @ self.out_proj[...].astype(dtype)
+        h = jax.nn.gelu(matmul(h, self.fc1[...]) + self.fc1_bias[...].astype(dtype), approximate=False)
+        h = jax.nn.gelu(matmul(h, self.fc2[...]) + self.fc2_bias[...].astype(dtype), approximate=False)
+        logits = matmul(h, self.out_proj[...])
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         choice = jnp.argmax(jax.lax.stop_gradient(probs) + self.balancing_bias[...], axis=-1).astype(jnp.int32)
         weight = jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]

@@ -32,6 +32,24 @@ def test_generate_streams_the_same_text_that_generate_ids_returns(exported, caps
     assert out == "<think>" + TOK.decode(ids) + "\n"
 
 
+def test_generate_decodes_a_directory_transformers_wrote_as_transformers_does(tmp_path, capsys):
+    """zaya-generate --model on a checkpoint written by transformers itself: the greedy text is transformers'."""
+    import torch
+
+    from tests.zaya_jax.hf_reference import random_hf_model
+
+    reference = random_hf_model(load_preset("tiny"), seed=2)  # vocab 261: the byte tokenizer's
+    reference.save_pretrained(tmp_path / "hf")
+    prompt = "Compute 3 + 4."
+    assert generate_main(["--model", str(tmp_path / "hf"), "--tokenizer", "byte", "--prompt", prompt,
+                          "--max-new-tokens", "8"]) == 0
+    ids = reasoning_prompt(TOK, prompt)
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                      eos_token_id=TOK.eos_id, pad_token_id=TOK.pad_id)[0, len(ids):].tolist()
+    assert capsys.readouterr().out == "<think>" + TOK.decode(expected) + "\n"
+
+
 def test_generate_batches_several_prompts(exported, capsys):
     _, path = exported
     assert generate_main(["--model", path, "--tokenizer", "byte", "--prompt", "a", "--prompt", "bb",

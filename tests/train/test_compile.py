@@ -1,10 +1,13 @@
 """zaya-compile: the tiny step compiled for a TPU slice and an H100 node without the hardware; the figures it
 reports checked against the parameter shapes and the mesh; a program too big for the TPU refused by its compiler;
-the target names; the HLO collective count on a hand-written program with a loop."""
+zaya-generate's prefill and decode step compiled with the cache's bytes checked against the config; the longest
+sequence search; the target names and bad arguments; the HLO collective count on a hand-written program."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 
 import jax
 import numpy as np
@@ -12,13 +15,16 @@ import pytest
 from flax import nnx
 
 from sharding.rules import PARAM_AXES, path_name
-from train.compile import compile_train_step, experts_within_node, main
+from train import compile as compile_module
+from train.compile import (CompileReport, compile_generate, compile_train_step, experts_within_node,
+                           format_generate_report, generation_batch_axes, main, search_max_seq_len)
 from train.config import load_train_config
 from train.hlo_collectives import array_bytes, collective_bytes
 from train.targets import TargetError, parse_target, target_devices
 from sharding import make_mesh
 from sharding.mesh import MeshConfig
 from zaya_jax.model import ZayaForCausalLM
+from zaya_jax.router import BalancingBias
 
 HAVE_TPU = importlib.util.find_spec("libtpu") is not None
 HAVE_CUDA = importlib.util.find_spec("jax_cuda12_plugin") is not None
@@ -107,6 +113,165 @@ def test_a_program_that_does_not_fit_is_refused_with_the_compilers_message(capsy
     out = capsys.readouterr().out
     assert "does not fit" in out
     assert "RESOURCE_EXHAUSTED" in out  # the compiler's own words follow
+
+
+# zaya-generate's programs on a tiny model: a 32-token prompt, a 64-slot cache.
+PROMPT, CACHE = 32, 64
+
+
+@pytest.fixture(scope="module")
+def generate_cpu():
+    # data=2 x fsdp=4 and 2 prompts: the batch splits over `data` only (fsdp=4 does not divide 2 rows).
+    cfg = load_train_config("configs/tiny.yaml", ["mesh.data=2", "mesh.fsdp=4"])
+    return cfg, compile_generate(cfg, parse_target("cpu:8"), batch=2, prompt_len=PROMPT, cache_len=CACHE)
+
+
+@pytest.fixture(scope="module")
+def generate_h100():
+    cfg = load_train_config("configs/tiny.yaml", ["mesh.data=1", "mesh.fsdp=-1"])
+    return cfg, compile_generate(cfg, parse_target("gpu:h100x8"), batch=8, prompt_len=PROMPT, cache_len=CACHE)
+
+
+def _cache_bytes(config, batch: int, slots: int, batch_shards: int) -> int:
+    """Per-device bytes of the decode cache from the config alone (zaya_jax/cache.py's layout): K and V
+    [L, B, Hkv, T, D] in the compute dtype; conv history [L, B, (k_dw - 1) + (k_gr - 1), (Hq + Hkv) D] and the
+    delayed value [L, B, Hkv D / 2] in float32; valid [B, T] int32; all split over the batch shards. Plus the
+    replicated int32 length."""
+    layers, kv, d = config.num_layers, config.kv_heads, config.head_dim
+    kv_cache = 2 * layers * batch * kv * slots * d * np.dtype(config.dtype).itemsize
+    history = (config.conv_kernel_depthwise - 1) + (config.conv_kernel_grouped - 1)
+    conv = layers * batch * history * (config.query_heads + kv) * d * 4
+    value = layers * batch * kv * d // 2 * 4
+    valid = batch * slots * 4
+    return (kv_cache + conv + value + valid) // batch_shards + 4
+
+
+def _model_bytes(config, shards: int) -> int:
+    """The parameters (split over `shards` as _param_bytes says) and the replicated balancing biases."""
+    split, replicated = _param_bytes(config)
+    biases = nnx.state(nnx.eval_shape(lambda: ZayaForCausalLM(config, rngs=nnx.Rngs(0))), BalancingBias)
+    return split // shards + replicated + sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in jax.tree.leaves(biases))
+
+
+def test_generate_programs_compile_for_cpu_devices_with_the_cache_split_over_the_batch(generate_cpu):
+    cfg, r = generate_cpu
+    assert r.mesh["data"] == 2 and r.mesh["fsdp"] == 4 and r.batch_axes == ["data"]
+    assert r.cache_bytes == _cache_bytes(cfg.model, 2, CACHE, batch_shards=2)
+    assert r.param_bytes == _model_bytes(cfg.model, shards=4)
+    prefill, decode = r.programs
+    assert (prefill.name, prefill.tokens_per_device, decode.tokens_per_device) == ("prefill", PROMPT, 1)
+    assert decode.alias_bytes == r.cache_bytes  # the decode step updates the donated cache in place
+    assert prefill.output_bytes >= r.cache_bytes  # the prefill returns the cache it fills
+    assert r.fits is None  # host memory: no limit unless --memory-gib
+    assert prefill.loop_trip_counts.count(cfg.model.num_layers) >= 1  # the layer scan
+    text = format_generate_report(r)
+    assert "batch split over: data" in text and "prefill: 32 tokens per device" in text
+    assert text.count("fits: host memory") == text.count("compile time:") == 2
+
+
+@needs_cuda
+def test_generate_programs_compile_for_an_h100_node_with_exact_figures(generate_h100):
+    cfg, r = generate_h100
+    assert r.batch_axes == ["fsdp"] and r.fits is True
+    assert r.cache_bytes == _cache_bytes(cfg.model, 8, CACHE, batch_shards=8)
+    assert r.param_bytes == _model_bytes(cfg.model, shards=8)
+    prefill, decode = r.programs
+    key = 8  # a threefry key: two uint32
+    # GPU buffers are dense: the arguments are exactly the model, the tokens (and the cache) and the key, and the
+    # decode step's donated cache is aliased whole by the cache it returns.
+    assert prefill.argument_bytes == r.param_bytes + prefill.input_bytes + key
+    assert decode.argument_bytes == r.param_bytes + decode.input_bytes + r.cache_bytes + key
+    assert decode.alias_bytes == r.cache_bytes
+    assert prefill.collectives["all-gather"]["bytes_per_step"] > 0  # FSDP: each layer's weights gathered
+
+
+def test_generation_batch_axes_take_the_batch_axes_that_divide_the_batch():
+    devices = jax.devices()[:8]
+    fsdp = make_mesh(MeshConfig(data=1, fsdp=-1), devices=devices)
+    assert [generation_batch_axes(fsdp, b) for b in (1, 4, 8, 16)] == [(), (), ("fsdp",), ("fsdp",)]
+    data_fsdp = make_mesh(MeshConfig(data=2, fsdp=4), devices=devices)
+    assert [generation_batch_axes(data_fsdp, b) for b in (1, 2, 6, 8)] == [(), ("data",), ("data",),
+                                                                           ("data", "fsdp")]
+
+
+def _fake_compile(limit: int):
+    """compile_train_step's stand-in: a program needs one byte per token of data.seq_len and has `limit` bytes."""
+    calls = []
+
+    def compile_step(cfg, target):
+        calls.append(cfg.data.seq_len)
+        fits = cfg.data.seq_len <= limit
+        return CompileReport(target=target.name, devices=8, mesh={}, seq_len=cfg.data.seq_len, tokens_per_device=0,
+                             remat_policy="none", loss_chunk=0, param_bytes=0, opt_state_bytes=0, batch_bytes=0,
+                             other_state_bytes=0, total_bytes=cfg.data.seq_len, hbm_bytes=limit, usable_bytes=limit,
+                             fits=fits)
+
+    return compile_step, calls
+
+
+@pytest.mark.parametrize("start, limit, expected, compiled", [
+    (64, 700, (640, 704), [64, 128, 256, 512, 1024, 768, 640, 704]),  # doubling, then bisection in granules
+    (100, 2048, (2048, None), [64, 128, 256, 512, 1024, 2048]),  # max_position_embeddings (2048) fits
+    (64, 10, (None, 64), [64]),  # not even one granule
+    (512, 300, (256, 320), [512, 256, 384, 320]),  # halving from a start that does not fit, then bisection
+])
+def test_max_seq_search_doubles_then_bisects(monkeypatch, start, limit, expected, compiled):
+    compile_step, calls = _fake_compile(limit)
+    monkeypatch.setattr(compile_module, "compile_train_step", compile_step)
+    target = dataclasses.replace(parse_target("cpu:8"), hbm_bytes=1)
+    cfg = _tiny(8)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=start))
+    search = search_max_seq_len(cfg, target, granule=64)
+    found = tuple(r.seq_len if r else None for r in (search.largest_fitting, search.smallest_not_fitting))
+    assert found == expected and calls == compiled
+    assert search.tried == [(n, n <= limit) for n in compiled]
+
+
+def test_max_seq_command_line_prints_the_answer_and_its_progress(monkeypatch, capsys):
+    compile_step, calls = _fake_compile(700)
+    monkeypatch.setattr(compile_module, "compile_train_step", compile_step)
+    argv = ["--config", "configs/tiny.yaml", "--target", "cpu:8", "--memory-gib", "1", "--max-seq", "--granule", "64",
+            *[f"--set={s}" for s in TINY]]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "largest data.seq_len that fits one row per device (multiples of 64): 640" in out
+    assert "smallest that does not fit: 704" in out
+    assert err.count("zaya-compile: data.seq_len ") == len(calls) == 8  # one progress line per compile
+    assert main([*argv, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["largest_fitting"]["seq_len"], found["smallest_not_fitting"]["seq_len"]) == (640, 704)
+
+
+def test_max_seq_search_finds_a_length_that_fits_next_to_one_that_does_not():
+    # One CPU device given 3.25 MiB: the one-layer tiny step's total is 2.67 MiB at 64 tokens and 3.97 MiB at 128
+    # (temporaries grow with the sequence), so the search compiles 64 and 128 only. The reports are
+    # compile_train_step's own, at the two lengths.
+    memory = int(3.25 * 2**20)
+    target = dataclasses.replace(parse_target("cpu:1"), hbm_bytes=memory)
+    search = search_max_seq_len(_tiny(1, "model.num_layers=1", "balancer.enabled=false"), target, granule=64)
+    fit, fail = search.largest_fitting, search.smallest_not_fitting
+    assert fit is not None and fail is not None
+    assert fail.seq_len == fit.seq_len + 64  # one granule apart
+    assert fit.tokens_per_device == fit.seq_len  # one row per device
+    assert fit.fits is True and fit.total_bytes <= memory
+    assert fail.fits is False and fail.total_bytes > memory
+
+
+def test_max_seq_needs_a_device_memory():
+    with pytest.raises(ValueError, match="--memory-gib"):
+        search_max_seq_len(_tiny(8), parse_target("cpu:8"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--program", "serve"], "unknown --program 'serve': expected one of train, generate"),
+    (["--program", "generate", "--prompt-len", "64", "--max-len", "64"], "must be shorter than the cache"),
+    (["--batch", "4"], "--batch: settings of --program generate, not of --program train"),
+    (["--program", "generate", "--max-seq"], "--max-seq searches the training step"),
+])
+def test_bad_program_arguments_are_one_clear_error_and_exit_2(capsys, flags, message):
+    assert main(["--config", "configs/tiny.yaml", "--target", "cpu:8", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zaya-compile: error: ") and message in err and err.count("\n") == 1
 
 
 def test_target_names():

@@ -83,6 +83,11 @@ def test_data_seq_len_past_the_models_context_is_an_error(capsys):
     assert "data.seq_len (4096) is longer than model.max_position_embeddings (2048)" in _one_line_error(capsys)
 
 
+def test_an_unknown_packing_is_an_error_naming_the_choices(capsys):
+    assert train_main(["--config", TINY, "--set", "data.packing=worst_fit"]) == 2
+    assert "data.packing must be one of ('first_fit', 'best_fit'), got 'worst_fit'" in _one_line_error(capsys)
+
+
 def test_the_memory_estimate_counts_every_byte_of_parameters_and_adamw_moments():
     cfg = load_train_config(TINY)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])

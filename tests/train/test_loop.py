@@ -118,9 +118,12 @@ def test_skipped_records_are_counted_and_mostly_empty_sources_are_named(tmp_path
     batches = HostBatches(lambda i, n, rows: iter(make_dataset(source, tokenizer, 32, rows, shard_index=i,
                                                                shard_count=n)),
                           batch_size=2, read_shards=1, process_index=0, process_count=1)
-    next(batches)
+    batch = next(batches)
     counters = data_counters(batches, source)
     assert counters["skipped"] == 1 and counters["kept"] >= 2
+    # The packer has emitted exactly this batch's rows: their share of document tokens is the efficiency.
+    assert counters["document_tokens"] == int((batch["segment_ids"] > 0).sum())
+    assert counters["packing_efficiency"] == counters["document_tokens"] / batch["segment_ids"].size
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n' * 3 + '{"text": "words"}\n')

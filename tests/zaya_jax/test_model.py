@@ -10,7 +10,7 @@ from flax import nnx
 
 from zaya_jax import BalancingBias, ZayaForCausalLM, init_model, load_preset, parameter_counts
 from tests.tolerances import EXPERT_DEPTH, EXPERT_GRAD_DEPTH, assert_float32_close, model_depth, model_terms
-from zaya_jax.experts import experts_dense, experts_padded, experts_sorted
+from zaya_jax.experts import experts_dense, experts_gathered, experts_padded, experts_sorted
 
 
 def test_zaya1_8b_parameter_counts_without_allocating():
@@ -64,7 +64,7 @@ def test_sorted_dispatch_matches_dense_and_numpy_float64(routed_tokens):
         h = x[t].astype(np.float64) @ gate_up[expert[t]].astype(np.float64)
         gate, up = h[:inner], h[inner:]
         ref[t] = weight[t] * ((gate / (1 + np.exp(-gate)) * up) @ down[expert[t]])
-    for fn in (experts_sorted, experts_dense):
+    for fn in (experts_sorted, experts_gathered, experts_dense):
         assert_float32_close(fn(*routed_tokens), ref, terms=x.shape[1], depth=EXPERT_DEPTH, name=fn.__name__)
 
 
@@ -82,11 +82,12 @@ def test_sorted_dispatch_gradients_match_dense(routed_tokens):
         return jnp.sum(y * cotangent)
 
     args = (routed_tokens[0], *routed_tokens[2:])
-    g_sorted = jax.grad(lambda *a: loss(experts_sorted, *a), argnums=(0, 1, 2, 3))(*args)
     g_dense = jax.grad(lambda *a: loss(experts_dense, *a), argnums=(0, 1, 2, 3))(*args)
-    for name, a, b in zip(("x", "weight", "gate_up", "down"), g_sorted, g_dense):
-        # gate_up's and down's gradients sum over every token.
-        assert_float32_close(a, b, terms=len(args[0]), depth=EXPERT_GRAD_DEPTH, name=name)
+    for fn in (experts_sorted, experts_gathered):
+        grads = jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2, 3))(*args)
+        for name, a, b in zip(("x", "weight", "gate_up", "down"), grads, g_dense):
+            # gate_up's and down's gradients sum over every token.
+            assert_float32_close(a, b, terms=len(args[0]), depth=EXPERT_GRAD_DEPTH, name=f"{fn.__name__} {name}")
 
 
 def _padded_reference(x, expert, weight, gate_up, down, group_size, capacity):

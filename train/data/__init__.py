@@ -1,8 +1,8 @@
 """Data pipeline for training: tokenizers, synthetic data, formatting, trimming, packing, sources.
 
 Importing this package does not import grain; the grain pipeline is loaded
-on first use of ``make_dataset`` / ``pipeline_counters`` / ``trim_counters``
-(or by importing ``train.data.pipeline`` directly).
+on first use of ``make_dataset`` / ``pipeline_counters`` / ``trim_counters`` /
+``packing_efficiency`` (or by importing ``train.data.pipeline`` directly).
 """
 
 from train.data.formatting import (
@@ -14,7 +14,14 @@ from train.data.formatting import (
     record_kind,
     tokenize_record,
 )
-from train.data.packing import build_row, first_fit_decreasing, next_token_targets, pack_examples
+from train.data.packing import (
+    PACKINGS,
+    best_fit_decreasing,
+    build_row,
+    first_fit_decreasing,
+    next_token_targets,
+    pack_examples,
+)
 from train.data.sources import (
     ArrayRecordSource,
     JsonlSource,
@@ -26,7 +33,7 @@ from train.data.synthetic import answer_accuracy, generate_problems, problem_at
 from zaya_jax.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from train.data.trimming import TrimCounters, trim_sample
 
-_LAZY_PIPELINE = ("make_dataset", "pipeline_counters", "trim_counters", "PackIterDataset")
+_LAZY_PIPELINE = ("make_dataset", "packing_efficiency", "pipeline_counters", "trim_counters", "PackIterDataset")
 
 
 def __getattr__(name: str):
@@ -44,6 +51,7 @@ __all__ = [
     "HFTokenizer",
     "JsonlSource",
     "NumpyTokenSource",
+    "PACKINGS",
     "PackIterDataset",
     "SyntheticSource",
     "TokenizedSample",
@@ -52,6 +60,7 @@ __all__ = [
     "Turn",
     "TurnSpans",
     "answer_accuracy",
+    "best_fit_decreasing",
     "build_row",
     "first_fit_decreasing",
     "format_record",
@@ -61,6 +70,7 @@ __all__ = [
     "make_dataset",
     "next_token_targets",
     "pack_examples",
+    "packing_efficiency",
     "pipeline_counters",
     "problem_at",
     "record_kind",

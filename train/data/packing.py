@@ -9,10 +9,24 @@ An *example* is ``{"tokens": int [n], "loss_mask": float [n]}`` with
     loss_mask   float32 [L]  the examples' masks, 0 on padding
 
 Examples are never split across rows: an example longer than L is an error
-(reasoning samples are cut to fit by ``trimming.trim_sample`` beforehand).
-Rows are filled by first-fit-decreasing over a buffer of examples: sort by
-length (longest first, ties by arrival order so it is deterministic), put
-each example into the first row with room, open a new row if none has.
+(reasoning samples are cut to fit by ``trimming.trim_sample`` at the same L
+beforehand). A buffer of examples is packed by one of two bin-packing rules
+(``PACKINGS``, the config's ``data.packing``), both of which sort by length
+(longest first, ties by arrival order so the result is deterministic) and
+open a new row when no open row has room:
+
+* ``first_fit``: each example goes into the first (oldest) row with room.
+* ``best_fit``: each example goes into the row with the least room that still
+  holds it (ties: the oldest). Best-fit-decreasing of complete examples into
+  the stage's window is how ZAYA1's SFT packed its 131K windows, avoiding the
+  arbitrary boundary truncation that caused hallucination artifacts
+  (../shared/docs/zaya1_reference.md section 7.1, report section IV-A).
+
+Both use at most 3/2 of the optimal number of rows on any input (Simchi-Levi
+1994, "New worst-case results for the bin-packing problem"). They differ in
+which examples share a row, rarely in how many rows a buffer needs: the
+fraction of padding is set mostly by how many examples one buffer holds per
+row (docs/training.md gives figures at 131K).
 
 Targets convention: position t is trained to predict token t+1 only when both
 are in the same (non-padding) segment, weighted by the loss mask *of token
@@ -40,8 +54,11 @@ def _check_length(n: int, seq_len: int, index: int) -> None:
         )
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Assign item indices to bins of ``capacity``; returns bins in opening order.
+PACKINGS = ("first_fit", "best_fit")
+
+
+def _fit_decreasing(lengths: Sequence[int], capacity: int, best: bool) -> list[list[int]]:
+    """Assign item indices to bins of ``capacity`` (first or best fit, longest first); bins in opening order.
 
     Inside a bin, items are in placement order (longest first).
     """
@@ -55,13 +72,24 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
         n = int(lengths[i])
         fits = np.flatnonzero(free >= n)
         if fits.size:
-            b = int(fits[0])
+            # argmin returns the first minimum, so best-fit ties go to the oldest bin.
+            b = int(fits[np.argmin(free[fits])]) if best else int(fits[0])
             free[b] -= n
             bins[b].append(i)
         else:
             bins.append([i])
             free = np.append(free, capacity - n)
     return bins
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: each item, longest first, into the first bin with room (see module docstring)."""
+    return _fit_decreasing(lengths, capacity, best=False)
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: each item, longest first, into the fullest bin it fits (see module docstring)."""
+    return _fit_decreasing(lengths, capacity, best=True)
 
 
 def build_row(examples: Sequence[Example], seq_len: int) -> dict[str, np.ndarray]:
@@ -87,10 +115,19 @@ def build_row(examples: Sequence[Example], seq_len: int) -> dict[str, np.ndarray
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "loss_mask": loss_mask}
 
 
-def pack_examples(examples: Sequence[Example], seq_len: int) -> list[dict[str, np.ndarray]]:
-    """Pack a buffer of examples into rows (first-fit-decreasing); see module docstring."""
+def check_packing(packing: str) -> None:
+    """Raises ValueError naming the choices unless ``packing`` is one of ``PACKINGS``."""
+    if packing not in PACKINGS:
+        raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
+
+
+def pack_examples(
+    examples: Sequence[Example], seq_len: int, packing: str = "first_fit"
+) -> list[dict[str, np.ndarray]]:
+    """Pack a buffer of examples into rows by ``packing`` ("first_fit" or "best_fit"); see module docstring."""
+    check_packing(packing)
     lengths = [int(np.asarray(ex["tokens"]).reshape(-1).shape[0]) for ex in examples]
-    bins = first_fit_decreasing(lengths, seq_len)
+    bins = _fit_decreasing(lengths, seq_len, best=packing == "best_fit")
     return [build_row([examples[i] for i in b], seq_len) for b in bins]
 
 

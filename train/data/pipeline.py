@@ -31,9 +31,11 @@ re-reads the buffer and re-packs it (packing is deterministic) instead of
 storing buffered tokens in the checkpoint.
 
 Counters (kept/trimmed/dropped from trimming; chunked = plain-text documents
-longer than L split into L-token pieces; skipped = ``None`` records) live in
+longer than L split into L-token pieces; skipped = ``None`` records; document_tokens /
+padding_tokens = the two kinds of token in the rows emitted so far) live in
 the packer's state, so they are restored with it; read them with
-``pipeline_counters(it)`` or ``trim_counters(it)``.
+``pipeline_counters(it)`` or ``trim_counters(it)``, and the fraction of
+emitted row tokens that are document tokens with ``packing_efficiency``.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ import grain
 import numpy as np
 
 from train.data.formatting import tokenize_record
-from train.data.packing import _check_length, next_token_targets, pack_examples
+from train.data.packing import _check_length, check_packing, next_token_targets, pack_examples
 from zaya_jax.tokenizers import Tokenizer
 from train.data.trimming import TrimCounters, trim_sample
 
-COUNTER_KEYS = ("kept", "trimmed", "dropped", "chunked", "skipped")
+RECORD_COUNTERS = ("kept", "trimmed", "dropped", "chunked", "skipped")  # per record read, when its buffer fills
+ROW_COUNTERS = ("document_tokens", "padding_tokens")  # per row emitted: its document tokens and its padding tokens
+COUNTER_KEYS = RECORD_COUNTERS + ROW_COUNTERS
 
 
 class _FormatAndTrim:
@@ -89,12 +93,13 @@ class _FormatAndTrim:
 
 
 class _PackIterator(grain.DatasetIterator):
-    """Fills a buffer of examples, packs it first-fit-decreasing, emits the rows."""
+    """Fills a buffer of examples, packs it (first or best fit, longest first), emits the rows."""
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, buffer_size: int) -> None:
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, buffer_size: int, packing: str) -> None:
         super().__init__(parent)
         self._seq_len = seq_len
         self._buffer_size = buffer_size
+        self._packing = packing
         self._counters = dict.fromkeys(COUNTER_KEYS, 0)
         self._rows: list[dict[str, np.ndarray]] = []
         self._next_row = 0
@@ -116,10 +121,16 @@ class _PackIterator(grain.DatasetIterator):
                 break
             self._counters[item["outcome"]] += 1
             for ex in item["examples"]:
-                _check_length(len(ex["tokens"]), self._seq_len, sum(self._counters.values()) - 1)
+                records_read = sum(self._counters[k] for k in RECORD_COUNTERS)
+                _check_length(len(ex["tokens"]), self._seq_len, records_read - 1)
                 examples.append(ex)
-        self._rows = pack_examples(examples, self._seq_len) if examples else []
+        self._rows = pack_examples(examples, self._seq_len, self._packing) if examples else []
         self._next_row = 0
+
+    def _count_row(self, row: dict[str, np.ndarray]) -> None:
+        documents = int(np.count_nonzero(row["segment_ids"]))
+        self._counters["document_tokens"] += documents
+        self._counters["padding_tokens"] += self._seq_len - documents
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()
@@ -129,6 +140,7 @@ class _PackIterator(grain.DatasetIterator):
             self._fill()
         row = self._rows[self._next_row]
         self._next_row += 1
+        self._count_row(row)
         return row
 
     def get_state(self) -> dict[str, Any]:
@@ -142,36 +154,47 @@ class _PackIterator(grain.DatasetIterator):
         return {"parent": self._parent.get_state(), "counters": dict(self._counters), "rows_emitted": 0}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        missing = [k for k in COUNTER_KEYS if k not in state["counters"]]
+        if missing:
+            raise ValueError(f"data iterator state has no counter(s) {missing}: it was saved by an older "
+                             f"pipeline (counters {sorted(state['counters'])})")
         self._parent.set_state(state["parent"])
         self._counters = {k: int(state["counters"][k]) for k in COUNTER_KEYS}
         self._exhausted = False
         self._rows, self._next_row = [], 0
         if state["rows_emitted"]:
+            # The saved counters are those at the buffer's start: re-packing recounts its records, and the rows
+            # already emitted from it are counted again here.
             self._fill()
             self._next_row = int(state["rows_emitted"])
+            for row in self._rows[: self._next_row]:
+                self._count_row(row)
 
     def counters(self) -> dict[str, int]:
         return dict(self._counters)
 
     def __str__(self) -> str:
-        return f"PackIterator(seq_len={self._seq_len}, buffer_size={self._buffer_size})"
+        return f"PackIterator(seq_len={self._seq_len}, buffer_size={self._buffer_size}, packing={self._packing})"
 
 
 class PackIterDataset(grain.IterDataset):
     """grain transformation: ``{"examples", "outcome"}`` items -> packed rows of length ``seq_len``."""
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int, buffer_size: int = 256) -> None:
+    def __init__(self, parent: grain.IterDataset, seq_len: int, buffer_size: int = 256,
+                 packing: str = "first_fit") -> None:
         super().__init__(parent)
         if seq_len <= 0 or buffer_size <= 0:
             raise ValueError(f"seq_len and buffer_size must be positive, got {seq_len}, {buffer_size}")
+        check_packing(packing)
         self._seq_len = seq_len
         self._buffer_size = buffer_size
+        self._packing = packing
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len, self._buffer_size)
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._buffer_size, self._packing)
 
     def __str__(self) -> str:
-        return f"PackIterDataset(seq_len={self._seq_len}, buffer_size={self._buffer_size})"
+        return f"PackIterDataset(seq_len={self._seq_len}, buffer_size={self._buffer_size}, packing={self._packing})"
 
 
 def _add_targets(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -193,6 +216,7 @@ def make_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     pack_buffer_size: int = 256,
+    packing: str = "first_fit",
     drop_remainder: bool = True,
     with_targets: bool = True,
     num_threads: int = 2,
@@ -206,7 +230,9 @@ def make_dataset(
     in order, unshuffled. Shard ``k`` of ``n`` reads records ``k, k+n, ...``
     of the source, so shards are disjoint and together cover it.
     ``trim=False`` disables trimming and text chunking: an example longer
-    than ``seq_len`` then raises. ``num_threads``/``prefetch_buffer_size``
+    than ``seq_len`` then raises. ``packing`` ("first_fit" or "best_fit",
+    ``packing.PACKINGS``) is how each buffer of ``pack_buffer_size`` records
+    is packed into rows. ``num_threads``/``prefetch_buffer_size``
     configure grain's ordered reader prefetch (0 threads = read inline).
     """
     if seq_len <= 0 or batch_size <= 0:
@@ -236,7 +262,7 @@ def make_dataset(
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
     )
-    it_ds = PackIterDataset(it_ds, seq_len, pack_buffer_size)
+    it_ds = PackIterDataset(it_ds, seq_len, pack_buffer_size, packing)
     if with_targets:
         it_ds = it_ds.map(_add_targets)
     return it_ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -255,12 +281,20 @@ def _find_pack_iterator(it: grain.DatasetIterator) -> _PackIterator:
 
 
 def pipeline_counters(it: grain.DatasetIterator) -> dict[str, int]:
-    """Counts of kept/trimmed/dropped/chunked/skipped records read so far by ``it``.
+    """Counts of kept/trimmed/dropped/chunked/skipped records read so far by ``it``, and of the document
+    tokens / padding tokens in the rows it has emitted.
 
-    Records sitting in the packing buffer count as read, so this can run up
-    to ``pack_buffer_size`` ahead of the rows consumed.
+    Records sitting in the packing buffer count as read, so the record counts
+    can run up to ``pack_buffer_size`` ahead of the rows consumed.
     """
     return _find_pack_iterator(it).counters()
+
+
+def packing_efficiency(counters: dict[str, int]) -> float | None:
+    """Document tokens / all tokens of the emitted rows, from ``pipeline_counters`` (possibly summed over
+    shards); None before any row."""
+    total = counters["document_tokens"] + counters["padding_tokens"]
+    return counters["document_tokens"] / total if total else None
 
 
 def trim_counters(it: grain.DatasetIterator) -> TrimCounters:

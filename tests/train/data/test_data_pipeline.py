@@ -1,4 +1,5 @@
-"""Tests for train/data/pipeline.py: batch layout, determinism, sharding, checkpoint/restore, trimming."""
+"""Tests for train/data/pipeline.py: batch layout, determinism, sharding, checkpoint/restore, trimming, packing
+(best fit at a long window) and its efficiency counters."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from train.data.pipeline import make_dataset, pipeline_counters, trim_counters
+from tests.train.data.test_data_packing import reference_best_fit_decreasing
+from train.data.pipeline import make_dataset, packing_efficiency, pipeline_counters, trim_counters
 from train.data.sources import JsonlSource, NumpyTokenSource, SyntheticSource
 from zaya_jax.tokenizers import ByteTokenizer
 
@@ -27,6 +29,18 @@ def segments(row):
         idx = np.flatnonzero(row["segment_ids"] == s)
         out.append((row["tokens"][idx], row["loss_mask"][idx]))
     return out
+
+
+def packer_state(state):
+    """The packing stage's part of a pipeline state, wherever grain nests it (the dict with "rows_emitted")."""
+    if isinstance(state, dict):
+        if "rows_emitted" in state:
+            return state
+        for value in state.values():
+            found = packer_state(value)
+            if found is not None:
+                return found
+    return None
 
 
 def test_shapes_dtypes_and_internal_consistency():
@@ -105,12 +119,14 @@ def test_shards_are_disjoint_and_cover_everything(tmp_path):
     assert sorted(len(s) for s in per_shard) == [16, 17, 17]
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 8])
-def test_checkpoint_restore_is_exact(k):
+@pytest.mark.parametrize("k, packing", [(0, "first_fit"), (1, "first_fit"), (3, "first_fit"), (8, "first_fit"),
+                                        (3, "best_fit")])
+def test_checkpoint_restore_is_exact(k, packing):
     def build():
         # Small buffers so k lands before, on and after buffer boundaries;
         # size 60 with repeat makes the run cross epochs too.
-        return make_dataset(SyntheticSource(seed=2, size=60), TOK, 128, 2, seed=4, pack_buffer_size=12)
+        return make_dataset(SyntheticSource(seed=2, size=60), TOK, 128, 2, seed=4, pack_buffer_size=12,
+                            packing=packing)
 
     it = iter(build())
     take(it, k)
@@ -139,7 +155,11 @@ def test_trimming_in_pipeline_counts_and_preserves_answers():
     it = iter(ds)
     rows = [{k: v[0] for k, v in b.items()} for b in it]
     c = pipeline_counters(it)
-    assert c == {"kept": 1, "trimmed": 1, "dropped": 1, "chunked": 1, "skipped": 0}
+    # Documents: P1 trimmed to 64, P2 of 19 (bos + "P2\n" + <think> + "ok" + "</think>\n" + "\boxed{2}" + eos), the
+    # text's 152 tokens (bos + 150 + eos) in chunks 64, 64, 24: 235 tokens in rows [64] [64] [64] [24 + 19].
+    assert c == {"kept": 1, "trimmed": 1, "dropped": 1, "chunked": 1, "skipped": 0,
+                 "document_tokens": 235, "padding_tokens": 4 * 64 - 235}
+    assert packing_efficiency(c) == 235 / 256
     tc = trim_counters(it)
     assert (tc.kept, tc.trimmed, tc.dropped) == (1, 1, 1)
     texts = [TOK.decode(t) for r in rows for t, _ in segments(r)]
@@ -171,6 +191,13 @@ def test_errors():
         make_dataset(long, TOK, 32, 1, shard_index=2, shard_count=2)
     with pytest.raises(ValueError, match="empty"):
         make_dataset([], TOK, 32, 1)
+    with pytest.raises(ValueError, match="packing must be one of"):
+        make_dataset(long, TOK, 32, 1, packing="next_fit")
+    for key in ("document_tokens", "padding_tokens"):
+        state = iter(make_dataset(long, TOK, 32, 1)).get_state()
+        del packer_state(state)["counters"][key]
+        with pytest.raises(ValueError, match=rf"no counter\(s\) \['{key}'\]: it was saved by an older pipeline"):
+            iter(make_dataset(long, TOK, 32, 1)).set_state(state)
 
 
 def test_numpy_prepacked_rows_pass_through(tmp_path):
@@ -185,3 +212,41 @@ def test_numpy_prepacked_rows_pass_through(tmp_path):
     got = np.concatenate([b["tokens"] for b in batches])
     np.testing.assert_array_equal(got, rows)
     assert (np.concatenate([b["segment_ids"] for b in batches]) == 1).all()
+
+
+def test_best_fit_at_a_long_window_trims_at_the_stage_length_and_counts_its_padding():
+    """A stage's window packs whole documents best fit, longest first; a reasoning sample longer than the window is
+    trimmed to it keeping its answer, and the same sample fits whole at a longer stage."""
+    rng = np.random.default_rng(27)  # lengths whose best-fit rows differ from first fit's at both windows
+    records = [{"prompt": "Long", "thinking": "a" * 3000, "answer": "\\boxed{42}"}]
+    records += [{"prompt": f"Q{i}", "thinking": "b" * int(rng.integers(50, 700)), "answer": f"\\boxed{{{i}}}"}
+                for i in range(12)]
+    records.append({"text": "t" * 1500})
+    # Tokens of a reasoning sample: bos, prompt, "\n", <think>, thinking, </think>, "\n", answer, eos.
+    length = [len(r["prompt"]) + len(r["thinking"]) + len(r["answer"]) + 6 for r in records[:-1]]
+    fixed = length[0] - 3000  # what trimming may not cut from the long sample
+    for window, outcome in ((1024, "trimmed"), (4096, "kept")):
+        ds = make_dataset(records, TOK, seq_len=window, batch_size=1, shuffle=False, num_epochs=1,
+                          drop_remainder=False, packing="best_fit")
+        it = iter(ds)
+        rows = [{k: v[0] for k, v in b.items()} for b in it]
+        documents = [[TOK.decode(t) for t, _ in segments(r)] for r in rows]
+        long_doc = [d for row in documents for d in row if d.startswith("Long")]
+        kept = 3000 if outcome == "kept" else window - fixed
+        assert long_doc == ["Long\n<think>" + "a" * kept + "</think>\n\\boxed{42}"]
+        # Every other document once, whole; the text is cut into window-sized chunks only when it is longer.
+        texts = sorted(d for row in documents for d in row if not d.startswith("Long"))
+        expected = [f"Q{i}\n<think>{r['thinking']}</think>\n{r['answer']}" for i, r in enumerate(records[1:-1])]
+        assert sorted(t for t in texts if t.startswith("Q")) == sorted(expected)
+        assert "".join(t for t in texts if t.startswith("t")) == "t" * 1500
+        # Rows are the best-fit-decreasing bins of the documents in arrival order (one buffer holds them all).
+        lengths = [min(n, window) for n in length]
+        lengths += [min(1502 - start, window) for start in range(0, 1502, window)]
+        by_index = [[lengths[i] for i in b] for b in reference_best_fit_decreasing(lengths, window)]
+        assert [[len(t) for t, _ in segments(r)] for r in rows] == by_index
+        c = pipeline_counters(it)
+        assert (c["kept"], c["trimmed"], c["chunked"]) == ((14, 0, 0) if outcome == "kept" else (12, 1, 1))
+        document_tokens = sum(int((r["segment_ids"] > 0).sum()) for r in rows)
+        assert document_tokens == sum(lengths)
+        assert (c["document_tokens"], c["padding_tokens"]) == (document_tokens, len(rows) * window - document_tokens)
+        assert packing_efficiency(c) == document_tokens / (len(rows) * window)
