@@ -89,17 +89,17 @@ def device_bytes() -> None:
 
 
 def balancer() -> None:
+    from train.step import step_batch
     from tests.train.test_step import (BALANCER_STEPS, BalancerConfig, ByteTokenizer, SyntheticSource,
                                        _collapsed_model, _setup, make_dataset)
 
-    keys = ("tokens", "segment_ids", "positions", "targets", "target_mask")
     for enabled in (True, False):
         _, state, step = _setup(balancer=BalancerConfig(enabled=enabled, lr=0.01), model=_collapsed_model())
         data = iter(make_dataset(SyntheticSource(seed=1), ByteTokenizer(), 128, 4, seed=1, num_threads=0))
         entropy = []
         for _ in range(BALANCER_STEPS):
             raw = next(data)
-            state, metrics = step(state, {k: jnp.asarray(raw[k]) for k in keys})
+            state, metrics = step(state, {k: jnp.asarray(v) for k, v in step_batch(raw).items()})
             entropy.append(np.asarray(metrics["routing_entropy"]))
         entropy = np.stack(entropy)
         rows = [0] + list(range(19, BALANCER_STEPS, 20))
@@ -282,10 +282,11 @@ def tolerances() -> None:
     from tests.sharding.test_meshes import CONFIG, _loss
     from train.data import ByteTokenizer, make_dataset
     from train.data.sources import SyntheticSource
+    from train.step import step_batch
     from zaya_jax import init_model
 
     raw = next(iter(make_dataset(SyntheticSource(seed=3), ByteTokenizer(), 64, 8, seed=3, num_threads=0)))
-    batch = {k: jnp.asarray(raw[k]) for k in ("tokens", "segment_ids", "positions", "targets", "target_mask")}
+    batch = {k: jnp.asarray(v) for k, v in step_batch(raw).items()}
 
     def loss_and_grads(model, mesh=None):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)

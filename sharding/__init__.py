@@ -2,7 +2,8 @@
 
 from sharding.mesh import MeshConfig, make_mesh, use_mesh
 from sharding.placement import init_sharded_model, train_state_shardings
-from sharding.rules import PARAM_AXES, RULES, ShardingRuleError, batch_shards, batch_sharding, describe, partition_spec
+from sharding.rules import (PARAM_AXES, RULES, ShardingRuleError, batch_shards, batch_sharding, context_shards,
+                            describe, partition_spec)
 
 __all__ = [
     "MeshConfig",
@@ -11,6 +12,7 @@ __all__ = [
     "ShardingRuleError",
     "batch_shards",
     "batch_sharding",
+    "context_shards",
     "describe",
     "init_sharded_model",
     "make_mesh",

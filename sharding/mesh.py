@@ -1,6 +1,10 @@
-"""The device mesh: named axes (data, fsdp, expert, tensor) sized from the run's sharding settings.
+"""The device mesh: named axes (data, fsdp, context, expert, tensor) sized from the run's sharding settings.
 
-    MeshConfig(data=-1, fsdp=1, expert=1, tensor=1)  ->  jax.sharding.Mesh of shape [data, fsdp, expert, tensor]
+    MeshConfig(data=-1, fsdp=1, context=1, expert=1, tensor=1)
+        ->  jax.sharding.Mesh of shape [data, fsdp, context, expert, tensor]
+
+Later axes hold nearer devices (the innermost, `tensor` and `expert`, move the most bytes; `context` the K/V
+all-gather and the convolution halo).
 
 One axis may be -1: it takes every device the others leave. The product must equal the number of devices
 (all processes' devices in a multi-host run), or the mesh is refused with the sizes named.
@@ -27,6 +31,7 @@ from zaya_jax.axis_rules import Rules, use_rules
 class MeshConfig:
     data: int = -1  # data-parallel ways (-1: every device the other axes leave)
     fsdp: int = 1  # ways parameters and optimizer state are sharded (ZeRO-3 style), batch split too
+    context: int = 1  # ways each sequence is split (context parallelism: zaya_jax/parallel/context.py)
     expert: int = 1  # ways the experts are split (expert parallelism); the batch is split over it as well
     tensor: int = 1  # tensor-parallel ways (hidden and head dimensions of the matrices)
 

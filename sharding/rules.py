@@ -11,7 +11,8 @@ Default layout (MaxText-style FSDP + expert parallelism):
     embed    [V, H]                 ("vocab", "embed")          embed -> fsdp
     layers/* [L, ...]               "layers" leading, replicated (scanned)
     experts  [L, E, H, 2I], [L, E, I, H]   "expert" -> expert mesh axis, "embed" -> fsdp
-    activations [B, S, ...]         "batch" -> (data, fsdp, expert): every device holds a slice of the batch
+    activations [B, S, ...]         "batch" -> (data, fsdp, expert): every device holds a slice of the batch;
+                                    "length" -> context: with context > 1 each holds a slice of the sequence too
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zaya_jax.axis_rules import mesh_axes, spec_entry
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 
 # Logical axis -> mesh axis (or a tuple of mesh axes, or None = replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -42,7 +43,9 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "router": None,
     "router_classes": None,
     "norm": None,
-    "length": None,
+    # The sequence of the activations is split over `context` (context parallelism, zaya_jax/parallel/context.py);
+    # no parameter has a length axis, so parameters are never split over it.
+    "length": "context",
     "activation_embed": None,
     # The padded experts' [G, E, C, H] buffer: groups over the data axes, experts over `expert`.
     "expert_groups": ("data", "fsdp"),
@@ -145,14 +148,21 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] | None = None)
 
 
 def batch_sharding(mesh: Mesh, rules: dict[str, Any] | None = None) -> NamedSharding:
-    """Sharding of a [B, S] batch array: B split over the "batch" rule's mesh axes."""
-    axes = mesh_axes(("batch",), mesh, RULES if rules is None else rules)
-    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+    """Sharding of a [B, S] batch array: B split over the "batch" rule's mesh axes, S over the "length" rule's
+    (context parallelism; the batch is then in the dual-chunk layout, zaya_jax/parallel/context.py)."""
+    rules = RULES if rules is None else rules
+    return NamedSharding(mesh, PartitionSpec(*(spec_entry(mesh_axes((name,), mesh, rules))
+                                               for name in ("batch", "length"))))
 
 
 def batch_shards(mesh: Mesh, rules: dict[str, Any] | None = None) -> int:
     """How many ways the batch dimension is split (the product of the "batch" rule's mesh axes)."""
     return math.prod(mesh.shape[a] for a in mesh_axes(("batch",), mesh, RULES if rules is None else rules))
+
+
+def context_shards(mesh: Mesh, rules: dict[str, Any] | None = None) -> int:
+    """How many ways each sequence is split (the product of the "length" rule's mesh axes: context parallelism)."""
+    return math.prod(mesh.shape[a] for a in mesh_axes(("length",), mesh, RULES if rules is None else rules))
 
 
 def describe(state: Any, mesh: Mesh, rules: dict[str, Any] | None = None) -> str:

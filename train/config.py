@@ -1,7 +1,7 @@
 """The training run's configuration: one YAML file with a section per concern, plus `--set a.b=value` overrides.
 
     model:      ZayaConfig fields (zaya_jax/config.py)
-    mesh:       MeshConfig fields (sharding/mesh.py): data, fsdp, expert, tensor axis sizes (-1 = the rest)
+    mesh:       MeshConfig fields (sharding/mesh.py): data, fsdp, context, expert, tensor axis sizes (-1 = the rest)
     optimizer:  OptimizerConfig fields (train/optim.py)
     balancer:   BalancerConfig fields (train/balancer.py)
     data:       DataConfig fields (below)
@@ -26,6 +26,7 @@ from train.balancer import BalancerConfig
 from train.data.packing import PACKINGS
 from train.optim import OptimizerConfig
 from zaya_jax.config import ZayaConfig, check_field_types, check_type, load_yaml
+from zaya_jax.parallel.context import dual_chunk_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,13 @@ class TrainConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) is longer than model.max_position_embeddings "
                              f"({self.model.max_position_embeddings}), the longest sequence the model accepts")
+        context = self.mesh.context
+        if context > 1:
+            dual_chunk_order(self.data.seq_len, context)  # the dual-chunk layout's error names the sizes
+            chunk = self.data.seq_len // (2 * context)
+            if chunk < max(self.model.conv_history, 1):
+                raise ValueError(f"data.seq_len ({self.data.seq_len}) over mesh.context ({context}) gives chunks of "
+                                 f"{chunk} tokens, shorter than the convolution history ({self.model.conv_history})")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = {}

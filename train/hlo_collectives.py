@@ -1,6 +1,7 @@
 """The collectives of a compiled program and the bytes they move per step, read from its HLO text.
 
     collective_bytes(compiled.as_text()) -> {"all-gather": Collectives(ops, bytes_per_step), "all-reduce": ...}
+    collective_operand_types(compiled.as_text(), "collective-permute") -> [["f32[2,4,96]{2,1,0}"], ...]  per op
 
 Kinds: all-gather, reduce-scatter, all-reduce, all-to-all (ragged-all-to-all counts here), collective-permute.
 Async pairs (`all-gather-start` / `-done`, as GPU programs have them) count once, at the start. Bytes are the operands' bytes on one device (for an all-gather its
@@ -116,8 +117,8 @@ def _trip_count(args: str, computations: dict[str, list[_Instruction]]) -> int |
     return None
 
 
-def collective_bytes(hlo_text: str) -> CollectiveReport:
-    """Collectives by kind in a compiled module's text (`compiled.as_text()`), with their bytes per step."""
+def _computations(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
+    """The module's computations ({name: instructions}) and the name of its entry."""
     computations: dict[str, list[_Instruction]] = {}
     entry = None
     current = None
@@ -133,6 +134,23 @@ def collective_bytes(hlo_text: str) -> CollectiveReport:
             computations[current].append(instruction)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
+    return computations, entry
+
+
+def collective_operand_types(hlo_text: str, kind: str) -> list[list[str]]:
+    """The operand types of every collective of `kind` (one of KINDS) in the module, one list per instruction
+    (e.g. [["f32[2,4,96]{2,1,0}"], ...]), each instruction listed once however often it runs."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown collective kind {kind!r}; kinds: {', '.join(KINDS)}")
+    computations, _ = _computations(hlo_text)
+    types = {i.name: i.type for instructions in computations.values() for i in instructions}
+    return [[types.get(o, "?") for o in _operand_names(i.args)]
+            for instructions in computations.values() for i in instructions if _OPCODE_KIND.get(i.opcode) == kind]
+
+
+def collective_bytes(hlo_text: str) -> CollectiveReport:
+    """Collectives by kind in a compiled module's text (`compiled.as_text()`), with their bytes per step."""
+    computations, entry = _computations(hlo_text)
     types = {i.name: i.type for instructions in computations.values() for i in instructions}
 
     # How often each computation runs per step: the entry once; a while body/condition trip-count times per run

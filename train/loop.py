@@ -34,7 +34,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
-from sharding import batch_sharding, init_sharded_model, make_mesh, use_mesh
+from sharding import batch_sharding, context_shards, init_sharded_model, make_mesh, use_mesh
 from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
 from train.checkpoint import Checkpointer, DamagedCheckpointError
@@ -55,7 +55,7 @@ from train.memory import check_fits, estimate_memory
 from train.metrics import MetricsWriter, ProgressBar
 from train.plots import plot_balancer_biases, plot_expert_load_heatmap, plot_loss_curve, plot_routing_entropy
 from train.state import abstract_train_state, initial_train_state, jit_train_step
-from train.step import BATCH_DTYPES, TrainState
+from train.step import BATCH_DTYPES, TrainState, step_batch
 from zaya_jax.attention import check_backend
 from zaya_jax.config import load_yaml
 from zaya_jax.hf_io import load_pretrained, read_config
@@ -162,9 +162,13 @@ def setup(cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState, Callable, Mesh]:
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of the batch -> global arrays sharded over the batch axes of the mesh."""
+    """This process's rows of the batch (the pipeline's arrays, in real order) -> the step's global arrays, laid
+    out for the mesh's context shards (train/data/context_layout.py) and sharded over its batch and context axes."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, local[k]) for k in BATCH_DTYPES}
+    laid = step_batch(local, context_shards(mesh))
+    rows, length = laid["tokens"].shape
+    shape = (rows * jax.process_count(), length)  # processes hold whole rows: the batch splits by row over them
+    return {k: jax.make_array_from_process_local_data(sharding, laid[k], shape) for k in BATCH_DTYPES}
 
 
 def abstract_like(state: Any) -> Any:

@@ -7,8 +7,9 @@
         balancer  BalancerState: the AdamW moments of the PID bias balancer
         step      int32 []
         rng       uint32 [2] PRNG key (the model is deterministic; kept so stochastic additions stay reproducible)
-    batch (from train/data/pipeline.py), all [B, S]:
-        tokens, segment_ids, positions (int32), targets (int32), target_mask (float32)
+    batch (from train/data/pipeline.py, laid out by train/data/context_layout.py), all [B, S]:
+        tokens, segment_ids, positions (int32), sequence_index (int32: each token's real index; the tokens are in
+        the dual-chunk layout of the mesh's context shards), targets (int32), target_mask (float32)
 
 One step: the batch is split into `accumulation_steps` micro-batches scanned in sequence; each contributes the
 gradient of its *summed* token loss and its expert-choice counts, so the accumulated gradient, divided by the
@@ -29,16 +30,24 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from train.balancer import BalancerConfig, BalancerState, balancer_update, expert_counts, init_balancer
+from train.data.context_layout import context_layout
 from zaya_jax.router import BalancingBias
 
 Batch = dict[str, jax.Array]
 # The batch's arrays, each [B, S] (what train/data/pipeline.py yields for the step).
-BATCH_DTYPES = {"tokens": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32, "targets": jnp.int32,
-                "target_mask": jnp.float32}
+BATCH_DTYPES = {"tokens": jnp.int32, "segment_ids": jnp.int32, "positions": jnp.int32,
+                "sequence_index": jnp.int32, "targets": jnp.int32, "target_mask": jnp.float32}
+
+
+def step_batch(arrays: dict[str, Any], context_shards: int = 1) -> dict[str, Any]:
+    """The step's batch from a pipeline batch (real order; extra arrays such as loss_mask are left out): the
+    BATCH_DTYPES arrays in the dual-chunk layout of `context_shards` shards, with sequence_index (numpy)."""
+    return context_layout({k: np.asarray(arrays[k]) for k in BATCH_DTYPES if k != "sequence_index"}, context_shards)
 
 
 class TrainState(NamedTuple):
@@ -61,7 +70,8 @@ def token_losses(
     """
     model = nnx.merge(graphdef, params, biases)
     hidden, routing = model.hidden_states(
-        batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+        sequence_index=batch["sequence_index"],
     )
     targets = batch["targets"]
 

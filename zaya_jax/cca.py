@@ -17,9 +17,10 @@ biases still enter at every tap, exactly as transformers' pad-once convolution d
 document inside a packed row computes exactly what it computes alone, and left-padded rows equal transformers'
 `conv_mask` zeroing.
 
-`conv_history` [B, K, C] and `value_history` [B, Hkv*D/2] carry the state of earlier tokens (cached decoding);
-zeros mean "start of sequence". `prologue_reference` is everything from q0, k0 to the attention's q and k, in XLA;
-with attention_impl "pallas" the fused kernel of zaya_jax/kernels/cca_prologue.py computes it instead.
+`conv_history` [B, K, C] and `value_history` [B, Hkv*D/2] carry the state of earlier tokens (cached decoding, and
+each chunk of a context-parallel sequence: zaya_jax/parallel/context.py); zeros mean "start of sequence".
+`prologue_reference` is everything from q0, k0 to the attention's q and k, in XLA; with attention_impl "pallas"
+the fused kernel of zaya_jax/kernels/cca_prologue.py computes it instead.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from zaya_jax.kernels import check_tiles
 from zaya_jax.kernels.cca_prologue import PrologueParams, fused_prologue
 from zaya_jax.layers import (apply_partial_rope, compute_dtype, constant_param, dense_init, matmul,
                              rotary_embedding)
+from zaya_jax.parallel.context import attend_chunks, context_split, exchange_halo, over_context
 
 
 class CCAttention(nnx.Module):
@@ -111,11 +113,63 @@ class CCAttention(nnx.Module):
         seg_ext = jnp.concatenate([jnp.repeat(segment_ids[:, :1], pad, axis=1), segment_ids], axis=1)[:, -pad:]
         return jnp.where((seg_ext == segment_ids[:, -1:])[..., None], extended, 0)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [B, S, H], segment_ids [B, S], positions [B, S] -> [B, S, H]."""
-        q, k, v, _ = self.project(x, segment_ids, positions)
-        out = attend(q, k, v, segment_ids, segment_ids, 0, self.config.attention_impl)
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 sequence_index: jax.Array | None = None) -> jax.Array:
+        """x [B, S, H], segment_ids [B, S], positions [B, S] -> [B, S, H].
+
+        Under a context-parallel mesh (zaya_jax/parallel/context.py) the tokens are in the dual-chunk layout and
+        `sequence_index` [B, S] is each one's real index (required there); otherwise they are in order."""
+        split = context_split()
+        if split is None:
+            q, k, v, _ = self.project(x, segment_ids, positions)
+            out = attend(q, k, v, segment_ids, segment_ids, 0, self.config.attention_impl)
+            return self._output(out)
+        if sequence_index is None:
+            raise ValueError("context parallelism: the batch must carry sequence_index (the real index of every "
+                             "token in the dual-chunk layout; zaya_jax.parallel.context)")
+        mesh, axis = split
+        shards = mesh.shape[axis]
+        graphdef, state = nnx.split(self)
+
+        def body(state, x, segment_ids, positions, sequence_index):
+            attn = nnx.merge(graphdef, state)
+            q, k, v = attn._project_chunks(x, segment_ids, positions, axis, shards)
+            return (attend_chunks(q, k, v, segment_ids, sequence_index, self.config.attention_impl, axis, shards),)
+
+        (out,) = over_context(body, mesh, axis, (state, x, segment_ids, positions, sequence_index),
+                              (False, True, True, True, True), (4,))
         return self._output(out)
+
+    def _project_chunks(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, axis: str,
+                        shards: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`project` of this context shard's two chunks (inside shard_map over `axis`): x [B, 2c, H], segment_ids,
+        positions [B, 2c] -> q, k, v as `project`'s, each chunk started from the state of the chunk before it in
+        the real sequence, received from its shard by `exchange_halo`: its last K pre-conv columns (those of
+        another document zeroed), its last delayed value and last segment id. Only those K columns move."""
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        b, local, h = x.shape
+        c, pad = local // 2, cfg.conv_history
+        if c < max(pad, 1):
+            raise ValueError(f"context parallelism: chunks of {c} tokens are shorter than the convolution history "
+                             f"of {pad} columns; use a longer sequence or fewer context shards")
+        chunks = lambda a: a.reshape(b * 2, c, *a.shape[2:])  # noqa: E731  two chunks per row -> two rows
+        x, segment_ids, positions = chunks(x.astype(dtype)), chunks(segment_ids), chunks(positions)
+        tail_x = x[:, c - pad:]
+        packed_tail = jnp.concatenate([matmul(tail_x, self.q_proj[...]), matmul(tail_x, self.k_proj[...])], axis=-1)
+        zeros = jnp.zeros((b * 2, pad, cfg.conv_channels), dtype)
+        tails = (self._next_conv_history(packed_tail, segment_ids[:, c - pad:], zeros),
+                 matmul(x[:, -1], self.v_delayed[...]), segment_ids[:, -1])
+        tails = jax.tree.map(lambda a: a.reshape(b, 2, *a.shape[1:]), tails)
+        conv, value, previous_segment = jax.tree.map(lambda a: a.reshape(b * 2, *a.shape[2:]),
+                                                     exchange_halo(tails, axis, shards))
+        # The previous chunk's state reaches this chunk only inside one document (as in `prologue_reference`).
+        same = previous_segment == segment_ids[:, 0]
+        conv = jnp.where(same[:, None, None], conv, 0)
+        value = jnp.where(same[:, None], value, 0)
+        q, k, v, _ = self.project(x, segment_ids, positions, conv, value)
+        unchunk = lambda a: a.reshape(b, local, *a.shape[2:])  # noqa: E731
+        return unchunk(q), unchunk(k), unchunk(v)
 
     def cached(
         self, x: jax.Array, positions: jax.Array, valid: jax.Array, cache: LayerCache, start: jax.Array

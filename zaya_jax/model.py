@@ -49,13 +49,14 @@ class DecoderLayer(nnx.Module):
         self.post_moe_scale = ResidualScaling(config)
 
     def __call__(
-        self, residual: jax.Array, router_state: jax.Array, segment_ids: jax.Array, positions: jax.Array
+        self, residual: jax.Array, router_state: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+        sequence_index: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """residual [B, S, H] f32, router_state [B, S, R] -> (residual, router_state, (choice [B, S], dropped []))."""
         dtype = compute_dtype(self.config)
         # Named scopes label the profile (benchmarks/bench_train.py splits step time by them).
         with jax.named_scope("attention"):
-            h = self.attn(self.input_norm(residual.astype(dtype)), segment_ids, positions)
+            h = self.attn(self.input_norm(residual.astype(dtype)), segment_ids, positions, sequence_index)
         residual = self.post_attn_scale(h, residual)
         h, router_state, choice, dropped = self.moe(self.post_attn_norm(residual.astype(dtype)), router_state)
         return constrain(self.post_moe_scale(h, residual), "residual"), router_state, (choice, dropped)
@@ -106,6 +107,7 @@ class ZayaForCausalLM(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        sequence_index: jax.Array | None = None,
         return_choices: bool = False,
     ) -> jax.Array | ForwardOutput:
         """input_ids [B, S] -> logits [B, S, V] float32 (or `ForwardOutput` with the per-layer expert choices).
@@ -113,7 +115,8 @@ class ZayaForCausalLM(nnx.Module):
         attention_mask [B, S] (1 = token, 0 = padding) is transformers' convention; segment_ids [B, S] (equal ids
         = same document) is the packed-data one. Give one or the other.
         """
-        hidden, routing = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+        hidden, routing = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                                             sequence_index=sequence_index)
         logits = self.logits(hidden)
         return ForwardOutput(logits, *routing) if return_choices else logits
 
@@ -124,8 +127,13 @@ class ZayaForCausalLM(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        sequence_index: jax.Array | None = None,
     ) -> tuple[jax.Array, Routing]:
-        """input_ids [B, S] -> (final-normed hidden [B, S, H] in the compute dtype, Routing of every layer)."""
+        """input_ids [B, S] -> (final-normed hidden [B, S, H] in the compute dtype, Routing of every layer).
+
+        sequence_index [B, S]: the real index of every token, needed under a context-parallel mesh, where the
+        tokens (and every other [B, S] input) come in the dual-chunk layout (zaya_jax/parallel/context.py);
+        without a context split the tokens are in order and it is not needed."""
         cfg = self.config
         dtype = compute_dtype(cfg)
         input_ids = jnp.asarray(input_ids)
@@ -146,7 +154,7 @@ class ZayaForCausalLM(nnx.Module):
         def body(carry, state):
             residual, router_state = carry
             layer = nnx.merge(graphdef, state)
-            residual, router_state, routing = layer(residual, router_state, segment_ids, positions)
+            residual, router_state, routing = layer(residual, router_state, segment_ids, positions, sequence_index)
             return (residual, router_state), routing
 
         if cfg.remat_policy != "none":

@@ -60,7 +60,7 @@ def measure(device_counts: tuple[int, ...] = DEVICE_COUNTS) -> dict[str, dict[in
     from train.balancer import BalancerConfig
     from train.config import load_train_config
     from train.optim import OptimizerConfig, make_optimizer
-    from train.step import init_train_state, make_train_step
+    from train.step import BATCH_DTYPES, init_train_state, make_train_step
     from zaya_jax import BalancingBias, ZayaForCausalLM
     from zaya_jax.moe import MoE
 
@@ -96,9 +96,7 @@ def measure(device_counts: tuple[int, ...] = DEVICE_COUNTS) -> dict[str, dict[in
         state = jax.eval_shape(lambda: init_train_state(ZayaForCausalLM(config, rngs=nnx.Rngs(0)), optimizer, 0)[1])
         shardings = train_state_shardings(state, mesh)
         tokens = batch_sharding(mesh)
-        batch = {k: s((rows, SEQ), jnp.int32, sharding=tokens) for k in ("tokens", "segment_ids", "positions",
-                                                                         "targets")}
-        batch["target_mask"] = s((rows, SEQ), jnp.float32, sharding=tokens)
+        batch = {k: s((rows, SEQ), dtype, sharding=tokens) for k, dtype in BATCH_DTYPES.items()}
         step = make_train_step(graphdef, optimizer, BalancerConfig(lr=1e-2), config.router_classes)
         return jax.jit(step, in_shardings=(shardings, tokens), out_shardings=(shardings, None),
                        donate_argnums=0).lower(with_shardings(state, shardings), batch)

@@ -20,7 +20,7 @@ from train.config import load_train_config
 from train.data import ByteTokenizer, make_dataset
 from train.data.sources import SyntheticSource
 from train.optim import OptimizerConfig, make_optimizer
-from train.step import init_train_state, make_train_step, token_losses
+from train.step import init_train_state, make_train_step, step_batch, token_losses
 from zaya_jax import init_model
 
 # The tiny preset with 8 experts, so that expert=8 holds one expert per device.
@@ -37,7 +37,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 @pytest.fixture(scope="module")
 def batch():
     raw = next(iter(make_dataset(SyntheticSource(seed=3), ByteTokenizer(), 64, 8, seed=3, num_threads=0)))
-    return {k: jnp.asarray(raw[k]) for k in ("tokens", "segment_ids", "positions", "targets", "target_mask")}
+    return {k: jnp.asarray(v) for k, v in step_batch(raw).items()}
 
 
 def _step_parts(model):

@@ -73,8 +73,8 @@ def test_tiny_step_compiles_for_a_tpu_slice_with_consistent_figures(tpu_report):
     assert r.param_bytes == split // 4 + replicated
     # AdamW: mu and nu mirror the float32 parameters and their shardings, plus two int32 step counts.
     assert r.opt_state_bytes == 2 * r.param_bytes + 2 * 4
-    # [B, S] int32 / float32 batch arrays, five of them, split 4 ways.
-    assert r.batch_bytes == 5 * cfg.train.batch_size * cfg.data.seq_len * 4 // 4
+    # [B, S] int32 / float32 batch arrays, six of them, split 4 ways.
+    assert r.batch_bytes == 6 * cfg.train.batch_size * cfg.data.seq_len * 4 // 4
     # TPU layouts pad small dimensions to (8, 128) tiles, so the compiler's argument bytes are at least ours.
     assert r.argument_bytes >= r.param_bytes + r.opt_state_bytes + r.batch_bytes + r.other_state_bytes
     assert r.total_bytes <= r.hbm_bytes
@@ -91,8 +91,9 @@ def test_tiny_step_compiles_for_an_h100_node_with_consistent_figures(h100_report
     assert r.param_bytes == split // 8 + replicated
     state_bytes = r.param_bytes + r.opt_state_bytes + r.other_state_bytes
     # GPU buffers are dense: the compiler's arguments are exactly the state and the batch, and the donated state
-    # is aliased by the new one whole.
-    assert r.argument_bytes == state_bytes + r.batch_bytes
+    # is aliased by the new one whole. Of the batch's six arrays the program takes five: sequence_index is read
+    # only under context parallelism, and jit drops an argument it does not read.
+    assert r.argument_bytes == state_bytes + r.batch_bytes * 5 // 6
     assert r.alias_bytes == state_bytes
     # The layer scans (forward and backward) are loops whose collectives run once per layer.
     assert r.loop_trip_counts.count(cfg.model.num_layers) >= 2
@@ -313,7 +314,10 @@ def test_a_multi_node_gpu_mesh_keeps_expert_groups_inside_a_node():
     inside = make_mesh(MeshConfig(data=1, fsdp=-1, expert=8), devices=devices)
     assert experts_within_node(inside, target) is True
     # The same devices with the fsdp and expert axes swapped would spread each expert group over 8 nodes.
-    across = jax.sharding.Mesh(np.asarray(inside.devices).transpose(0, 2, 1, 3), inside.axis_names)
+    fsdp, expert = inside.axis_names.index("fsdp"), inside.axis_names.index("expert")
+    order = list(range(len(inside.axis_names)))
+    order[fsdp], order[expert] = expert, fsdp
+    across = jax.sharding.Mesh(np.asarray(inside.devices).transpose(order), inside.axis_names)
     assert experts_within_node(across, target) is False
 
 

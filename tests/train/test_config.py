@@ -132,7 +132,8 @@ def test_dry_run_prints_every_key_the_counts_and_the_memory_and_builds_nothing(t
     assert sorted(f"{s}.{k}" for s, keys in resolved.items() for k in keys) == sorted(valid_keys())
     assert resolved["train"]["steps"] == 400 and resolved["model"]["hidden_size"] == 64
     assert f"config: {TINY}" in out and "parameters: total " in out
-    assert "mesh data=8 fsdp=1 expert=1 tensor=1" in out and "tokens per step: 4,096 (batch 16 x seq_len 256" in out
+    assert "mesh data=8 fsdp=1 context=1 expert=1 tensor=1" in out
+    assert "tokens per step: 4,096 (batch 16 x seq_len 256" in out
     assert "memory: the training state needs " in out and f"run directory: {run_dir}" in out
     assert "new run from step 0 to step 400" in out
     assert "warning: train.steps (400) is past optimizer.total_steps (300)" in out

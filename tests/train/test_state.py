@@ -28,7 +28,7 @@ from train.state import abstract_batch, abstract_train_state, initial_train_stat
 
 PRESETS = sorted(os.listdir("configs"))
 BF16 = ("model.param_dtype=bfloat16", "model.dtype=bfloat16")
-SMALL = ("data.seq_len=32", "train.batch_size=8", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")
+SMALL = ("data.seq_len=32", "train.batch_size=8", "mesh.data=2", "mesh.fsdp=2", "mesh.context=1", "mesh.expert=2")
 # Every preset with each optimizer, plus the tiny preset in bfloat16 (the full-size presets are bfloat16 already).
 CASES = [(p, o, ()) for p in PRESETS for o in OPTIMIZER_NAMES] + [("tiny.yaml", o, BF16) for o in OPTIMIZER_NAMES]
 CASE_IDS = [f"{p}-{o}{'-bf16' if x else ''}" for p, o, x in CASES]

@@ -17,7 +17,7 @@ from train.config import load_train_config
 from train.data import ByteTokenizer, generate_problems, make_dataset
 from train.data.sources import SyntheticSource
 from train.optim import OptimizerConfig, make_optimizer
-from train.step import init_train_state, make_train_step, token_losses
+from train.step import init_train_state, make_train_step, step_batch, token_losses
 from zaya_jax import init_model
 
 TINY = load_train_config("configs/tiny.yaml").model
@@ -26,7 +26,7 @@ TINY = load_train_config("configs/tiny.yaml").model
 def _batch(batch_size: int = 4, seq_len: int = 64, seed: int = 0) -> dict[str, jnp.ndarray]:
     ds = make_dataset(SyntheticSource(seed=seed), ByteTokenizer(), seq_len, batch_size, seed=seed, num_threads=0)
     raw = next(iter(ds))
-    return {k: jnp.asarray(raw[k]) for k in ("tokens", "segment_ids", "positions", "targets", "target_mask")}
+    return {k: jnp.asarray(v) for k, v in step_batch(raw).items()}
 
 
 def _setup(balancer=BalancerConfig(), accumulation_steps=1, model=None):
@@ -142,8 +142,7 @@ def test_balancer_lifts_a_collapsed_router_to_uniform_load(enabled):
     entropies = []
     for _ in range(BALANCER_STEPS):
         raw = next(ds)
-        state, metrics = step(state, {k: jnp.asarray(raw[k]) for k in ("tokens", "segment_ids", "positions",
-                                                                           "targets", "target_mask")})
+        state, metrics = step(state, {k: jnp.asarray(v) for k, v in step_batch(raw).items()})
         entropies.append(np.asarray(metrics["routing_entropy"]))
     entropies = np.stack(entropies)  # [steps, layers]
     assert entropies[0].max() < 0.05, entropies[0]  # the init really is collapsed
