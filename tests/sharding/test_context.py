@@ -102,26 +102,20 @@ def compiled_cases(batch):
                 graphdef, params, rest, {k: jnp.asarray(v) for k, v in step_batch(batch).items()}))
         (ref_loss, ref_logits), ref_grads = references[kernels]
 
-        got, hlo = _split_run(model, config, mesh_config, batch)
-        out[case] = {"ref": (ref_loss, ref_logits, ref_grads), "got": got, "hlo": hlo, "config": config,
-                     "shards": mesh_config.context, "model": model}
+        mesh = make_mesh(mesh_config)
+        shards = mesh_config.context
+        state = nnx.state(model)
+        graphdef, params, rest = nnx.split(nnx.merge(nnx.graphdef(init_model_abstract(config)),
+                                                     jax.device_put(state, state_shardings(state, mesh))),
+                                           nnx.Param, ...)
+        laid = jax.device_put(step_batch(batch, shards), batch_sharding(mesh))
+        with use_mesh(mesh):
+            compiled = jax.jit(_grad, static_argnums=0).lower(graphdef, params, rest, laid).compile()
+        (loss, logits), grads = compiled(params, rest, laid)
+        out[case] = {"ref": (ref_loss, ref_logits, ref_grads),
+                     "got": jax.device_get((loss, from_dual_chunks(np.asarray(logits), shards), grads)),
+                     "hlo": compiled.as_text(), "config": config, "shards": shards}
     return out
-
-
-def _split_run(model, config, mesh_config: MeshConfig, batch):
-    """(loss, logits back in real order, grads) of `model`'s weights run as `config` on the split mesh, and the
-    compiled program's HLO text."""
-    mesh = make_mesh(mesh_config)
-    shards = mesh_config.context
-    state = nnx.state(model)
-    graphdef, params, rest = nnx.split(nnx.merge(nnx.graphdef(init_model_abstract(config)),
-                                                 jax.device_put(state, state_shardings(state, mesh))),
-                                       nnx.Param, ...)
-    laid = jax.device_put(step_batch(batch, shards), batch_sharding(mesh))
-    with use_mesh(mesh):
-        compiled = jax.jit(_grad, static_argnums=0).lower(graphdef, params, rest, laid).compile()
-    (loss, logits), grads = compiled(params, rest, laid)
-    return jax.device_get((loss, from_dual_chunks(np.asarray(logits), shards), grads)), compiled.as_text()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -129,22 +123,9 @@ def test_split_sequence_equals_unsplit(case, compiled_cases):
     """Logits, loss and every parameter gradient at context 2, 4, 8 and data2 x context2 x expert2 (expert
     parallelism: tokens of every context shard go through one dispatch)."""
     run = compiled_cases[case]
-    _assert_equals_unsplit(run["got"], run["ref"], run["config"])
-
-
-def test_pallas_attention_split_over_context_equals_unsplit_xla(compiled_cases, batch, monkeypatch):
-    """The `pallas` path at context 2 (flash attention once per local chunk with its real query start, in the
-    Pallas interpreter on this CPU): the unsplit XLA run's logits, loss and gradients."""
-    monkeypatch.setenv("ZAYA_PALLAS_INTERPRET", "1")
-    run = compiled_cases["context2"]
-    config = run["config"].replace(attention_impl="pallas")
-    got, _ = _split_run(run["model"], config, CASES["context2"][0], batch)
-    _assert_equals_unsplit(got, run["ref"], config)
-
-
-def _assert_equals_unsplit(got, ref, config) -> None:
-    ref_loss, ref_logits, ref_grads = ref
-    loss, logits, grads = got
+    config = run["config"]
+    ref_loss, ref_logits, ref_grads = run["ref"]
+    loss, logits, grads = run["got"]
     # The split program sums the same terms in another order (per chunk, per shard): tolerances.py's bound for the
     # forward's chained sums; the gradients add the backward's chain and the sums over the batch's tokens.
     terms = max(model_terms(config, SEQ), ROWS * SEQ)
