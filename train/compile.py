@@ -58,7 +58,7 @@ from train.config import TrainConfig, load_train_config  # noqa: E402
 from train.hlo_collectives import KINDS, collective_bytes  # noqa: E402
 from train.loop import flops_per_token  # noqa: E402
 from train.state import (abstract_batch, abstract_train_state, device_bytes, jit_train_step,  # noqa: E402
-                         shardings_of)
+                         shardings_of, with_shardings)
 from train.targets import GIB, Target, TargetError, parse_target, target_devices  # noqa: E402
 from zaya_jax.axis_rules import mesh_axes, spec_entry  # noqa: E402
 from zaya_jax.cache import Cache, init_cache  # noqa: E402
@@ -275,12 +275,6 @@ def compile_generate(cfg: TrainConfig, target: Target, batch: int, prompt_len: i
     return GenerateReport(target=target.name, devices=len(devices), mesh=dict(mesh.shape), batch=batch,
                           prompt_len=prompt_len, cache_len=cache_len, batch_axes=list(batch_axes),
                           param_bytes=device_bytes(model_state), cache_bytes=device_bytes(cache), programs=programs)
-
-
-def with_shardings(shapes: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying their shardings, leaf by leaf."""
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        shapes, shardings)
 
 
 @dataclasses.dataclass

@@ -48,9 +48,13 @@ def abstract_train_state(cfg: TrainConfig, mesh: Mesh) -> TrainSetup:
     shapes = jax.eval_shape(functools.partial(new_train_state, optimizer=optimizer, seed=cfg.train.seed),
                             params, biases)
     shardings = train_state_shardings(shapes, mesh)
-    state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                         shapes, shardings)
-    return TrainSetup(graphdef, optimizer, state)
+    return TrainSetup(graphdef, optimizer, with_shardings(shapes, shardings))
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their shardings, leaf by leaf."""
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes, shardings)
 
 
 def initial_train_state(cfg: TrainConfig, setup: TrainSetup, model: nnx.Module) -> TrainState:
