@@ -87,6 +87,7 @@ def child_ours(directory: str, phase: str, prompt_len: int, new_tokens: int, out
     from flax import nnx
 
     from zaya_jax import generate, load_pretrained, save_pretrained
+    from zaya_jax.model import inference_jit
 
     start = time.perf_counter()
     model = load_pretrained(directory, dtype="bfloat16")
@@ -98,7 +99,7 @@ def child_ours(directory: str, phase: str, prompt_len: int, new_tokens: int, out
         return {**result, "export_s": time.perf_counter() - start, "export_rss": peak_rss()}
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, prompt_len)).astype(np.int32)
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+    forward = inference_jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
     start = time.perf_counter()
     jax.block_until_ready(forward(state, jnp.asarray(ids)))
     result["first_logits_s"] = time.perf_counter() - start

@@ -28,7 +28,7 @@ from train.config import TrainConfig
 from train.data import make_dataset, open_source
 from train.step import Batch, token_losses
 from zaya_jax.generate import generate_ids
-from zaya_jax.model import ZayaForCausalLM
+from zaya_jax.model import ZayaForCausalLM, inference_jit
 from zaya_jax.tokenizers import Tokenizer, reasoning_prompt
 
 
@@ -64,7 +64,7 @@ def make_validation_loss(graphdef: nnx.GraphDef, loss_chunk: int = 0) -> Callabl
         mask = batch["target_mask"]
         return jnp.sum(nll * mask), jnp.sum(mask)
 
-    return jax.jit(summed)
+    return inference_jit(summed)
 
 
 def validation_loss(loss_fn: Callable[[Any, Any, Batch], Any], params: Any, biases: Any,

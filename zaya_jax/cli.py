@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from zaya_jax.config import load_preset
-from zaya_jax.model import init_model, parameter_counts
+from zaya_jax.model import inference_jit, init_model, parameter_counts
 
 
 def forward_main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def forward_main(argv: list[str] | None = None) -> int:
     model = init_model(config, seed=args.seed)
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @inference_jit
     def forward(state, ids):
         return nnx.merge(graphdef, state)(ids, return_choices=True)
 

@@ -34,7 +34,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from zaya_jax.cache import Cache, init_cache
-from zaya_jax.model import ZayaForCausalLM, check_token_ids
+from zaya_jax.model import ZayaForCausalLM, check_token_ids, inference_jit
 
 
 class GenerateOutput(NamedTuple):
@@ -175,13 +175,13 @@ def generate_ids(
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
               stops: tuple[int, ...], pad_id: int, stream: bool):
-    """run(state, input_ids, mask, key) -> GenerateOutput: two compiled programs, the prefill (prompt -> cache and
+    """`_Programs`: two compiled programs, the prefill (prompt -> cache and
     first token) and the decode loop, so the first token does not wait for the loop's compilation (nor, with
     max_new_tokens=1, compile it at all)."""
     stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)
     sampling = Sampling(temperature, top_k, top_p)
 
-    @jax.jit
+    @inference_jit
     def first_token(state, input_ids, mask, key):
         model = nnx.merge(graphdef, state)
         batch, prompt_len = input_ids.shape
@@ -193,7 +193,7 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
         lengths = jnp.ones((batch,), jnp.int32)
         return jnp.ones((), jnp.int32), token, position, cache, done, out, lengths, key
 
-    @jax.jit
+    @inference_jit
     def decode(state, carry):
         model = nnx.merge(graphdef, state)
 
@@ -215,8 +215,15 @@ def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top
         _, _, _, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, carry)
         return GenerateOutput(out, lengths)
 
-    def run(state, input_ids, mask, key):
-        carry = first_token(state, input_ids, mask, key)
-        return GenerateOutput(carry[5], carry[6]) if max_new_tokens == 1 else decode(state, carry)
+    return _Programs(first_token, decode, max_new_tokens)
 
-    return run
+
+class _Programs(NamedTuple):
+    """generate's two compiled programs; calling it runs them: (state, input_ids, mask, key) -> GenerateOutput."""
+    first_token: Callable  # (state, input_ids, mask, key) -> the decode loop's carry, the first token in it
+    decode: Callable  # (state, carry) -> GenerateOutput
+    max_new_tokens: int
+
+    def __call__(self, state, input_ids, mask, key) -> GenerateOutput:
+        carry = self.first_token(state, input_ids, mask, key)
+        return GenerateOutput(carry[5], carry[6]) if self.max_new_tokens == 1 else self.decode(state, carry)

@@ -240,6 +240,35 @@ def _compiled_init(config: ZayaConfig):
     )
 
 
+def inference_jit(fn, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` for a program that runs the layer scan without differentiating it (a forward,
+    a prefill, a decode loop). On CPU it turns off XLA's while-loop-invariant code motion: XLA:CPU computes a
+    bfloat16 matmul in float32, and that pass hoists the float32 conversion of every stacked weight out of the
+    scan, a float32 copy of all the layers (2x the bfloat16 weights: 35 GB for ZAYA1-8B, which then does not fit
+    a 24 GB machine). Without it each layer's weights are converted inside the loop, one layer at a time."""
+    if jax.default_backend() != "cpu":
+        return jax.jit(fn, **jit_kwargs)
+    return _CPUInferenceProgram(fn, jit_kwargs)
+
+
+class _CPUInferenceProgram:
+    """Called at the top level: compiled with the option above. Called inside another trace (a caller's jit,
+    make_jaxpr), where JAX refuses compiler options: a plain nested jit, and the outer program decides."""
+
+    def __init__(self, fn, jit_kwargs: dict):
+        options = {**(jit_kwargs.pop("compiler_options", None) or {}),
+                   "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+        self._top = jax.jit(fn, compiler_options=options, **jit_kwargs)
+        self._nested = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+        return (self._nested if traced else self._top)(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._top.lower(*args, **kwargs)
+
+
 class ParameterCounts(NamedTuple):
     total: int  # every checkpoint parameter, the (tied) embedding included; balancing biases are buffers, not counted
     embedding: int
