@@ -34,6 +34,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 
 from zaya_jax.config import ZayaConfig
@@ -312,7 +313,7 @@ def _assemble(config: ZayaConfig, read: _Reader, shardings: Shardings | None,
         shardings = shardings(state)
     if isinstance(shardings, nnx.State):
         shardings = nnx.to_pure_dict(shardings)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     by_path: dict[tuple[str, ...], dict[int | None, _Entry]] = {}
     for entry in _tensor_plan(config):
         by_path.setdefault(entry.path, {})[entry.layer] = entry
@@ -440,7 +441,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *, shardi
     dtype ("float32" | "bfloat16"): parameter and compute dtype; defaults to config.json's `dtype`.
     shardings: where each parameter goes: a pytree of `jax.sharding.Sharding` shaped like `nnx.state(model)`, or a
     function from the abstract `nnx.State` to one (e.g. `lambda s: sharding.rules.state_shardings(s, mesh)`);
-    default: the first device. Each process reads only the blocks its own devices hold.
+    default: this process's first device. Each process reads only the blocks its own devices hold.
     Errors (a damaged or truncated file, tensors that do not match config.json, non-finite values) name the file.
     """
     path = os.fspath(path)
@@ -460,10 +461,12 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, *, shardi
 def _host_tensor(array: jax.Array, layer: int | None) -> np.ndarray:
     """A host copy of array[layer] (or of the whole array), gathered from the addressable blocks that hold it. On
     CPU the blocks are host memory, viewed without a copy; an accelerator takes the layer on the devices first
-    (one compiled program per parameter shape), so only that tensor is transferred."""
+    (one compiled program per parameter shape), so only that tensor is transferred. An array spread over several
+    processes is gathered to every process, one tensor at a time (a collective: every process must ask for the
+    same tensors in the same order)."""
     if not array.is_fully_addressable:
-        raise ValueError("save_pretrained needs every parameter addressable from this process (a multi-process "
-                         "run: gather the parameters to one process first)")
+        tensor = array if layer is None else _take_layer(array, np.int32(layer))
+        return np.asarray(multihost_utils.process_allgather(tensor, tiled=True))
     if layer is not None and any(device.platform != "cpu" for device in array.sharding.device_set):
         array, layer = _take_layer(array, np.int32(layer)), None
     blocks = [(shard.index, np.asarray(shard.data)) for shard in array.addressable_shards if shard.replica_id == 0]
@@ -504,13 +507,24 @@ def save_pretrained(
     tensor's host copy at a time.
 
     dtype ("float32" | "bfloat16"): the stored parameter dtype; defaults to the model's parameter dtype.
+    In a multi-process run every process must call it: each tensor is gathered from the processes that hold it,
+    process 0 writes `path` (a directory every process can see) and all return once it is complete.
     """
     config = model.config if dtype is None else model.config.replace(param_dtype=dtype, dtype=dtype)
     specs = []
     for name, shape in checkpoint_shapes(config).items():
         stored = np.float32 if name.endswith("balancing_biases") else _NP_DTYPES[config.param_dtype]
         specs.append((name, _FILE_DTYPE_NAMES[np.dtype(stored)], shape))
-    write_checkpoint(path, config.to_hf(), specs, iter_hf_tensors(model, dtype), max_shard_size)
+    tensors = iter_hf_tensors(model, dtype)
+    if jax.process_count() == 1:
+        write_checkpoint(path, config.to_hf(), specs, tensors, max_shard_size)
+        return
+    if jax.process_index() == 0:
+        write_checkpoint(path, config.to_hf(), specs, tensors, max_shard_size)
+    else:
+        for _ in tensors:  # the gathers are collectives: take part in each, write nothing
+            pass
+    multihost_utils.sync_global_devices(f"zaya_jax.save_pretrained {os.fspath(path)}")
 
 
 def write_checkpoint(path: str | os.PathLike, hf_config: dict[str, Any],

@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
@@ -359,19 +360,94 @@ def test_wide_checkpoint_loads_within_1_15x_its_weights_and_exports_bitwise(tmp_
     # pages, above the baseline measured in the same process before loading. Export: plus one tensor's host copy.
     assert got["load_peak"] <= got["baseline"] + 1.15 * weights, (got, weights)
     assert got["export_peak"] <= got["baseline"] + 1.15 * weights + largest, (got, weights, largest)
+    _assert_same_tensors(tmp_path / "wide", tmp_path / "export")
+
+
+def _assert_same_tensors(original_dir: pathlib.Path, exported_dir: pathlib.Path) -> None:
+    """The exported directory (several shards) holds every tensor of the original, bitwise, and nothing else."""
     original = {}
-    for file in (tmp_path / "wide").glob("*.safetensors"):
+    for file in original_dir.glob("*.safetensors"):
         with safe_open(file, "numpy") as f:
-            original.update({name: (file, name) for name in f.keys()})
-    exported = sorted((tmp_path / "export").glob("*.safetensors"))
+            original.update({name: file for name in f.keys()})
+    exported = sorted(exported_dir.glob("*.safetensors"))
     assert len(exported) > 1
     seen = set()
     for file in exported:
         with safe_open(file, "numpy") as f:
             for name in f.keys():
-                with safe_open(original[name][0], "numpy") as g:
+                with safe_open(original[name], "numpy") as g:
                     a, b = g.get_tensor(name), f.get_tensor(name)
                 assert a.dtype == b.dtype and a.shape == b.shape, name
                 assert a.tobytes() == b.tobytes(), name
                 seen.add(name)
     assert seen == set(original)
+
+
+# Two processes of 4 CPU devices each, one fsdp axis of 8 over both: each process holds half of every split tensor.
+_TWO_PROCESSES = """
+import json, sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+src, dst, port, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=60)
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from zaya_jax import hf_io, load_pretrained, save_pretrained
+
+mesh = jax.make_mesh((8,), ("fsdp",))
+specs = {"embed": P(None, "fsdp"), "gate_up": P(None, None, "fsdp", None), "down": P(None, None, None, "fsdp")}
+shardings = lambda state: jax.tree_util.tree_map_with_path(
+    lambda keys, leaf: NamedSharding(mesh, specs.get(str(keys[-1].key), P())), nnx.to_pure_dict(state))
+reads = {}
+original = hf_io._SafetensorsFiles.read
+def counting_read(self, name, index):
+    block = original(self, name, index)
+    reads[name] = reads.get(name, 0) + block.nbytes
+    return block
+hf_io._SafetensorsFiles.read = counting_read
+sharded = load_pretrained(src, shardings=shardings)
+hf_io._SafetensorsFiles.read = original
+single = load_pretrained(src)  # on this process's first device
+mismatched = []
+for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(nnx.state(sharded)),
+                        jax.tree.leaves(nnx.state(single)), strict=True):
+    for shard in x.addressable_shards:
+        if not np.array_equal(np.asarray(shard.data), np.asarray(y)[shard.index]):
+            mismatched.append(jax.tree_util.keystr(path))
+gate_up = sharded.layers.moe.experts.gate_up[...]
+save_pretrained(sharded, dst, max_shard_size="20KB")
+print("RESULT", json.dumps({"reads": reads, "mismatched": mismatched, "addressable": gate_up.is_fully_addressable,
+                  "local_blocks": len(gate_up.addressable_shards)}))
+"""
+
+
+def test_two_processes_load_their_own_blocks_and_export_one_checkpoint(hf_dir, tmp_path):
+    """load_pretrained onto a mesh spanning two processes reads in each process only the blocks its devices hold;
+    save_pretrained gathers one tensor at a time and process 0 writes the checkpoint: bitwise the original."""
+    path, _ = hf_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(path), str(tmp_path / "export"),
+                               str(port), str(pid)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for pid in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+               for out, _ in outputs]
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    with safe_open(path / "model.safetensors", "numpy") as f:
+        tensor_bytes = f.get_slice(name).get_shape()
+    tensor_bytes = math.prod(tensor_bytes) * 4  # float32
+    for got in results:
+        assert got["mismatched"] == [] and not got["addressable"] and got["local_blocks"] == 4, got
+        assert got["reads"][name] == tensor_bytes // 2, (got["reads"][name], tensor_bytes)  # its 4 of 8 blocks
+    _assert_same_tensors(path, tmp_path / "export")
