@@ -123,11 +123,15 @@ def dry_run(cfg: TrainConfig, config_name: str, step: int | None = None) -> int:
     print("\n".join(run_description(cfg, mesh, memory, config_name)))
     checkpoints = os.path.join(cfg.train.run_dir, "checkpoints")
     # Only looked at, not opened: orbax would clean up the temporary directories of a run writing there.
+    has_checkpoints = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
     if step is not None:
         print(f"the run would resume from checkpoint step {step} of {checkpoints} (--step; checked when it starts) "
               "and move the newer steps aside")
-    elif cfg.train.resume and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    elif has_checkpoints and cfg.train.resume:
         print(f"{checkpoints} holds checkpoints: the run would resume from the latest complete one")
+    elif has_checkpoints:
+        print(f"{start_line(cfg.train, None)}; the checkpoints in {checkpoints} would be moved aside "
+              "(train.resume is false)")
     else:
         print(start_line(cfg.train, None))
     for warning in config_warnings(cfg):

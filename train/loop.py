@@ -16,7 +16,7 @@ balancer, step, rng and the data iterator), so N steps + resume + N steps equals
 step is renamed `<step>.damaged` and the run falls back to the newest step that restores cleanly. `from_step`
 (zaya-train --step N) resumes from an older step instead; the newer steps are renamed `<step>.superseded` (kept,
 no longer listed), so the resumed run writes its own steps there, and metrics.jsonl gets the resumed steps' lines
-appended after the old ones.
+appended after the old ones. train.resume=false starts at step 0 and moves every step aside the same way.
 SIGTERM / SIGINT finish the current step, save a checkpoint and return normally. A non-finite loss skips its step
 (the step function leaves the state unchanged); after `max_consecutive_bad_steps` in a row the run stops with
 `BadStepsError`, its last good checkpoint untouched.
@@ -250,6 +250,8 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
         if resumes:
             start_step, state, data_state = resume(checkpointer, state, from_step, primary)
             data_iter.set_state(data_state)
+        if from_step is not None or not run.resume:  # (a default resume starts at the newest step that restores)
+            set_aside_newer(checkpointer, start_step, "--step" if run.resume else "train.resume is false", primary)
         # Written only once the checkpoint is known to fit this configuration: a failed resume into a different
         # architecture must not leave a config.yaml that no longer describes the run's checkpoints.
         if primary:
@@ -376,19 +378,14 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
 def resume(checkpointer: Checkpointer, state: TrainState, from_step: int | None,
            primary: bool) -> tuple[int, TrainState, dict]:
     """(step, state, data iterator state) restored from checkpoint `from_step`, or by default from the newest step
-    that restores cleanly. Steps moved aside (renamed, kept) so that this run can save those steps again, each said
-    in one line: a damaged newer step (default), or (with `from_step`) every step newer than `from_step`."""
+    that restores cleanly, whose damaged newer steps are renamed `<step>.damaged` (kept, so that this run can save
+    those steps again), each said in one line."""
     abstract = to_nested_dict(abstract_like(state))
     if from_step is not None:
         try:  # the step asked for, or the error: no fallback
             step, nested, data_state, _ = checkpointer.restore(abstract, step=from_step)
         except DamagedCheckpointError as e:
             raise e.suggesting_other_steps(checkpointer.all_steps()) from None
-        newer = [s for s in checkpointer.all_steps() if s > step]
-        kept = [checkpointer.set_aside(s, SUPERSEDED_SUFFIX) for s in newer]
-        if newer and primary:
-            print(f"resuming from step {step} (--step): the newer checkpoint step{'s' if len(newer) > 1 else ''} "
-                  f"{', '.join(map(str, newer))} moved aside, kept as {', '.join(kept)}", flush=True)
         return step, from_nested_dict(state, nested), data_state
     damaged: list[DamagedCheckpointError] = []
     step, nested, data_state, _ = checkpointer.restore(abstract, on_damaged=damaged.append)
@@ -399,6 +396,18 @@ def resume(checkpointer: Checkpointer, state: TrainState, from_step: int | None,
                   f"the damaged step is kept as {kept} (choose another step with --step N; complete steps: "
                   f"{', '.join(map(str, checkpointer.all_steps()))})", file=sys.stderr, flush=True)
     return step, from_nested_dict(state, nested), data_state
+
+
+def set_aside_newer(checkpointer: Checkpointer, start_step: int, reason: str, primary: bool) -> None:
+    """Renames the complete steps newer than `start_step` (those a run resumed with --step N passes over, or all of
+    them for a new run, train.resume=false) to `<step>.superseded`: kept, but no longer steps, so that the run
+    saves its own steps there (orbax skips saving a step that exists) and a later resume finds those. Said in one
+    line."""
+    newer = [s for s in checkpointer.all_steps() if s > start_step]
+    kept = [checkpointer.set_aside(s, SUPERSEDED_SUFFIX) for s in newer]
+    if newer and primary:
+        print(f"starting from step {start_step} ({reason}): the newer checkpoint step{'s' if len(newer) > 1 else ''} "
+              f"{', '.join(map(str, newer))} moved aside, kept as {', '.join(kept)}", flush=True)
 
 
 def all_data_states(data_iter: HostBatches) -> dict[str, Any]:

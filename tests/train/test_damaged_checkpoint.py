@@ -158,7 +158,7 @@ def test_step_resumes_from_an_older_step_and_keeps_the_newer_ones_aside(trained,
     assert train_main([*_train_args(run), "--step", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     kept = run / "checkpoints" / "4.superseded"
-    assert f"resuming from step 2 (--step): the newer checkpoint step 4 moved aside, kept as {kept}" in out
+    assert f"starting from step 2 (--step): the newer checkpoint step 4 moved aside, kept as {kept}" in out
     assert "resuming from step 2 (checkpoints/2), training to step 4" in out
     assert _files(kept) == original_4  # kept as it was, byte for byte
     # The resumed run continued from step 2's checkpoint: its first step follows that checkpoint's own step counter,
@@ -174,6 +174,22 @@ def test_step_resumes_from_an_older_step_and_keeps_the_newer_ones_aside(trained,
         _data_state(trained / "checkpoints" / "2")
     new, old = _saved_state(run, 4), _saved_state(trained, 4)
     assert jax.tree.structure(new) == jax.tree.structure(old)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
+def test_a_new_run_over_old_checkpoints_keeps_them_aside_and_saves_its_own(trained, run, capsys):
+    # train.resume=false in a directory with checkpoints: orbax would skip saving the steps that exist, so without
+    # moving them aside the new run's checkpoints would be lost and a later resume would pick up the old run.
+    assert train_main([*_train_args(run), "--set", "train.resume=false", "--set", "train.steps=2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    kept = [run / "checkpoints" / "2.superseded", run / "checkpoints" / "4.superseded"]
+    assert (f"starting from step 0 (train.resume is false): the newer checkpoint steps 2, 4 moved aside, kept as "
+            f"{kept[0]}, {kept[1]}") in out
+    assert "new run from step 0 to step 2" in out
+    assert [_files(k) for k in kept] == [_files(trained / "checkpoints" / s) for s in ("2", "4")]
+    # The new run's own step 2 was saved: a fresh run with the same seed and data is the original's first 2 steps.
+    assert _data_state(run / "checkpoints" / "2") == _data_state(trained / "checkpoints" / "2")
+    new, old = _saved_state(run, 2), _saved_state(trained, 2)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
 
 
