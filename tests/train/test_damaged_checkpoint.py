@@ -212,6 +212,15 @@ def test_step_that_is_not_there_or_damaged_is_one_line_and_changes_nothing(run, 
     assert capsys.readouterr().err == ("zaya-train: error: --step 2 resumes the run, but train.resume is false: drop "
                                        "one of them\n")
 
+    # The dry run says what --step (or train.resume=false) would do to the checkpoints, and does nothing.
+    assert train_main([*_train_args(run), "--step", "3", "--dry-run"]) == 0
+    assert (f"the run would resume from checkpoint step 3 of {run}/checkpoints (--step; checked when it starts) and "
+            "move the newer steps aside") in capsys.readouterr().out.splitlines()
+    assert train_main([*_train_args(run), "--set", "train.resume=false", "--dry-run"]) == 0
+    assert (f"new run from step 0 to step 4; the checkpoints in {run}/checkpoints would be moved aside "
+            "(train.resume is false)") in capsys.readouterr().out.splitlines()
+    assert _files(run) == before
+
     # A damaged step asked for is the error (no fallback), with the other steps named; nothing is moved aside.
     _truncate_data_files(run)
     damaged = _files(run)
