@@ -389,12 +389,13 @@ def resume(checkpointer: Checkpointer, state: TrainState, from_step: int | None,
         return step, from_nested_dict(state, nested), data_state
     damaged: list[DamagedCheckpointError] = []
     step, nested, data_state, _ = checkpointer.restore(abstract, on_damaged=damaged.append)
-    for error in damaged:
-        kept = checkpointer.set_aside(error.step, DAMAGED_SUFFIX)
+    kept = [checkpointer.set_aside(error.step, DAMAGED_SUFFIX) for error in damaged]
+    complete = ", ".join(map(str, checkpointer.all_steps()))  # once every damaged step is aside
+    for error, path in zip(damaged, kept):
         if primary:
             print(f"zaya-train: warning: {error}; resuming from step {step}, the newest step that restores cleanly; "
-                  f"the damaged step is kept as {kept} (choose another step with --step N; complete steps: "
-                  f"{', '.join(map(str, checkpointer.all_steps()))})", file=sys.stderr, flush=True)
+                  f"the damaged step is kept as {path} (choose another step with --step N; complete steps: "
+                  f"{complete})", file=sys.stderr, flush=True)
     return step, from_nested_dict(state, nested), data_state
 
 

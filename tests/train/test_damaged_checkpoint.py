@@ -178,7 +178,7 @@ def test_step_resumes_from_an_older_step_and_keeps_the_newer_ones_aside(trained,
 
 
 def test_a_new_run_over_old_checkpoints_keeps_them_aside_and_saves_its_own(trained, run, capsys):
-    # train.resume=false in a directory with checkpoints: orbax would skip saving the steps that exist, so without
+    # train.resume=false in a directory with checkpoints: Checkpointer.save skips a step that exists, so without
     # moving them aside the new run's checkpoints would be lost and a later resume would pick up the old run.
     assert train_main([*_train_args(run), "--set", "train.resume=false", "--set", "train.steps=2"]) == 0
     out = capsys.readouterr().out.splitlines()
