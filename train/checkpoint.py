@@ -43,7 +43,8 @@ Guarantees:
     is returned: every array has the shape and dtype asked for and floating-point arrays are finite.
     With `on_damaged`, `restore` reports each damaged step and falls back to the newest one that restores cleanly;
     `set_aside(step)` renames a damaged step to `<step>.damaged` (kept for inspection, invisible to orbax) so a
-    resumed run can write that step again.
+    resumed run can write that step again. `set_aside(step, SUPERSEDED_SUFFIX)` does the same for an intact step
+    newer than the one a run resumes from (zaya-train --step N): `<step>.superseded`, kept, no longer a step.
   * `restore(..., only=...)` reads only the named top-level entries of the state (e.g. the parameters for export):
     the other arrays are not read, so damage confined to them (the optimizer state) does not stop an export.
 
@@ -77,6 +78,8 @@ _MAX_LISTED_MISMATCHES = 40
 # A damaged step is renamed to "<step>.damaged": not a step name for orbax (digits only), so it is neither listed,
 # restored nor garbage-collected.
 DAMAGED_SUFFIX = ".damaged"
+# The same for an intact step newer than the step a run resumed from: the resumed run writes its own steps there.
+SUPERSEDED_SUFFIX = ".superseded"
 # tensorstore's status codes (absl): the message that carries one is the storage layer's own cause.
 _STATUS_RE = re.compile(r"\b(DATA_LOSS|NOT_FOUND|OUT_OF_RANGE|FAILED_PRECONDITION|INVALID_ARGUMENT|UNKNOWN|"
                         r"INTERNAL|UNAVAILABLE|PERMISSION_DENIED|RESOURCE_EXHAUSTED): ")
@@ -92,6 +95,12 @@ class DamagedCheckpointError(ValueError):
     def __init__(self, directory: str, step: int, cause: str):
         self.directory, self.step, self.cause = directory, step, cause
         super().__init__(f"checkpoint step {step} in {directory!r} is damaged: {cause}")
+
+    def suggesting_other_steps(self, steps: Iterable[int]) -> DamagedCheckpointError:
+        """This error for a step that was asked for (`--step N`): the cause plus the other complete `steps`."""
+        others = ", ".join(str(s) for s in steps if s != self.step) or "none"
+        return DamagedCheckpointError(self.directory, self.step, f"{self.cause}; choose another step with --step N "
+                                      f"(other complete steps: {others})")
 
 
 class Checkpointer:
@@ -280,16 +289,16 @@ class Checkpointer:
             f"{damaged[-1].cause}; no older step restores cleanly either (tried {[e.step for e in damaged]})",
         )
 
-    def set_aside(self, step: int) -> str:
-        """Renames damaged step `step` to `<step>.damaged` (`.damaged.2`, ... if taken): kept on disk for
-        inspection, but no longer a step, so a resumed run can save that step again. Returns the new path."""
+    def set_aside(self, step: int, suffix: str = DAMAGED_SUFFIX) -> str:
+        """Renames step `step` to `<step><suffix>` (`<step><suffix>.2`, ... if taken): kept on disk for inspection,
+        but no longer a step, so a resumed run can save that step again. Returns the new path."""
         self._check_open()
         source = self._name_format.find_step(self.directory, step).path
-        target = self.directory / f"{source.name}{DAMAGED_SUFFIX}"
+        target = self.directory / f"{source.name}{suffix}"
         n = 1
         while target.exists():
             n += 1
-            target = self.directory / f"{source.name}{DAMAGED_SUFFIX}.{n}"
+            target = self.directory / f"{source.name}{suffix}.{n}"
         if jax.process_index() == 0:
             source.rename(target)
         if jax.process_count() > 1:

@@ -1,6 +1,6 @@
 """Command-line entry points that read or write zaya-train runs.
 
-    zaya-train    --config configs/tiny.yaml [--set section.key=value ...] [--dry-run]
+    zaya-train    --config configs/tiny.yaml [--set section.key=value ...] [--step N] [--dry-run]
     zaya-export   --checkpoint RUN_DIR --out HF_DIR [--step N] [--dtype bfloat16]
     zaya-generate --model PATH --prompt TEXT [--prompt TEXT ...]
     zaya-rsa      --model PATH --question TEXT | --synthetic K
@@ -46,6 +46,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
     parser.add_argument("--init-timeout", type=int, default=120, help="seconds to wait for all processes to join")
+    parser.add_argument("--step", type=int, default=None,
+                        help="resume from this checkpoint step of train.run_dir instead of the newest; the newer "
+                        "steps are moved aside to checkpoints/<step>.superseded (kept)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config (every key), the parameter "
                         "counts and the memory estimate, then exit without building the model")
     args = parser.parse_args(argv)
@@ -55,7 +58,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         return _fail("zaya-train", e)
     if args.dry_run:
-        return dry_run(cfg, args.config)
+        return dry_run(cfg, args.config, args.step)
     try:
         # The coordinator's heartbeat aborts a process without a word; give the step watchdog the first say.
         heartbeat = int(max(100, 2 * cfg.train.step_timeout_s))
@@ -70,7 +73,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from train.loop import BadStepsError, run_training
 
     try:
-        summary = run_training(cfg, config_name=args.config)
+        summary = run_training(cfg, config_name=args.config, from_step=args.step)
     except (ValueError, FileNotFoundError) as e:
         return _fail("zaya-train", e)
     except jax.errors.JaxRuntimeError as e:
@@ -102,7 +105,7 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def dry_run(cfg: TrainConfig, config_name: str) -> int:
+def dry_run(cfg: TrainConfig, config_name: str, step: int | None = None) -> int:
     """Prints what the run would do and exits 0; allocates no parameter and writes nothing."""
     import yaml
 
@@ -120,8 +123,15 @@ def dry_run(cfg: TrainConfig, config_name: str) -> int:
     print("\n".join(run_description(cfg, mesh, memory, config_name)))
     checkpoints = os.path.join(cfg.train.run_dir, "checkpoints")
     # Only looked at, not opened: orbax would clean up the temporary directories of a run writing there.
-    if cfg.train.resume and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    has_checkpoints = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+    if step is not None:
+        print(f"the run would resume from checkpoint step {step} of {checkpoints} (--step; checked when it starts) "
+              "and move the newer steps aside")
+    elif has_checkpoints and cfg.train.resume:
         print(f"{checkpoints} holds checkpoints: the run would resume from the latest complete one")
+    elif has_checkpoints:
+        print(f"{start_line(cfg.train, None)}; the checkpoints in {checkpoints} would be moved aside "
+              "(train.resume is false)")
     else:
         print(start_line(cfg.train, None))
     for warning in config_warnings(cfg):
@@ -206,9 +216,7 @@ def load_run_model(run_dir: str, *, step: int | None = None):
     except DamagedCheckpointError as e:
         if step is None:  # every step was tried
             raise
-        others = ", ".join(str(s) for s in steps if s != e.step) or "none"
-        raise DamagedCheckpointError(e.directory, e.step, f"{e.cause}; choose another step with --step N "
-                                     f"(other complete steps: {others})") from None
+        raise e.suggesting_other_steps(steps) from None
     finally:
         checkpointer.close()
     for e in damaged:

@@ -93,7 +93,9 @@ class RunConfig:
     loss_chunk: int = 0  # positions per LM-head + cross-entropy chunk (never the whole [B, S, V] logits); 0 = all
     max_consecutive_bad_steps: int = 5  # non-finite loss: skip the step; stop after this many in a row
     init_from: str = ""  # a transformers-format directory to fine-tune from (load_pretrained)
-    resume: bool = True  # continue from the run directory's latest checkpoint when there is one
+    # Continue from the run directory's latest checkpoint when there is one (zaya-train --step N: from step N);
+    # false: start at step 0 and move its checkpoints aside (checkpoints/N -> N.superseded, kept).
+    resume: bool = True
     step_timeout_s: float = 600.0  # watchdog: exit (status 3) when no step completes for this long; 0 = off
     first_step_timeout_s: float = 3600.0  # the same for the first step, which includes compilation
     peak_flops: float = 0.0  # per-device peak FLOP/s for the MFU estimate; 0 = look up the device kind

@@ -12,7 +12,11 @@ Run directory layout (`train.run_dir`):
 Start: a banner (config, parameter counts, devices and mesh, tokens per step, memory estimate, run directory, the
 step it starts or resumes from), after a check that the training state fits this machine's memory (train/memory.py).
 Resume: a run directory with a checkpoint continues from its latest complete checkpoint (params, optimizer,
-balancer, step, rng and the data iterator), so N steps + resume + N steps equals 2N steps bitwise.
+balancer, step, rng and the data iterator), so N steps + resume + N steps equals 2N steps bitwise. A damaged newest
+step is renamed `<step>.damaged` and the run falls back to the newest step that restores cleanly. `from_step`
+(zaya-train --step N) resumes from an older step instead; the newer steps are renamed `<step>.superseded` (kept,
+no longer listed), so the resumed run writes its own steps there, and metrics.jsonl gets the resumed steps' lines
+appended after the old ones. train.resume=false starts at step 0 and moves every step aside the same way.
 SIGTERM / SIGINT finish the current step, save a checkpoint and return normally. A non-finite loss skips its step
 (the step function leaves the state unchanged); after `max_consecutive_bad_steps` in a row the run stops with
 `BadStepsError`, its last good checkpoint untouched.
@@ -37,7 +41,7 @@ from jax.sharding import Mesh
 from sharding import batch_sharding, context_shards, init_sharded_model, make_mesh, use_mesh
 from sharding.multihost import StepWatchdog, allgather_json
 from sharding.rules import state_shardings
-from train.checkpoint import Checkpointer, DamagedCheckpointError
+from train.checkpoint import DAMAGED_SUFFIX, SUPERSEDED_SUFFIX, Checkpointer, DamagedCheckpointError
 from train.config import DataConfig, TrainConfig
 from train.data import (
     is_empty_record,
@@ -177,13 +181,16 @@ def abstract_like(state: Any) -> Any:
 
 def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None,
                  on_log: Callable[[dict[str, list]], None] | None = None,
-                 config_name: str | None = None) -> RunSummary:
-    """Runs (or resumes) the configured training. `stop_after` ends the run early after that many steps of this
-    invocation, as a preemption would (a checkpoint is written), which the resume tests use. `on_log(history)` is
-    called on the primary process after every logged step with the lists so far ("step", "loss", "expert_load"
-    [L, E] per entry, "balancing_bias", "routing_entropy"): live plots in a notebook. `config_name` (the YAML
-    path) is shown in the start banner. Errors before the first step (a config the checkpoint does not fit, a
-    state larger than this machine's memory, an empty source) leave no empty run directory behind."""
+                 config_name: str | None = None, from_step: int | None = None) -> RunSummary:
+    """Runs (or resumes) the configured training. `from_step` (zaya-train --step N) resumes from that checkpoint
+    step instead of the latest: it must exist and restore cleanly (no fallback), and the checkpoints newer than it
+    are moved aside to `<step>.superseded` (kept) once it has restored. `stop_after` ends the run early after that
+    many steps of this invocation, as a preemption would (a checkpoint is written), which the resume tests use.
+    `on_log(history)` is called on the primary process after every logged step with the lists so far ("step",
+    "loss", "expert_load" [L, E] per entry, "balancing_bias", "routing_entropy"): live plots in a notebook.
+    `config_name` (the YAML path) is shown in the start banner. Errors before the first step (a config the
+    checkpoint does not fit, a state larger than this machine's memory, an empty source) leave no empty
+    run directory behind."""
     start_time = time.perf_counter()
     run = cfg.train
     check_backend(cfg.model.attention_impl)  # before the run directory is written
@@ -199,15 +206,24 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     memory = estimate_memory(cfg, mesh)
     check_fits(memory)  # before anything is allocated or written
 
+    checkpoints = os.path.join(run.run_dir, "checkpoints")
+    if from_step is not None:
+        if not run.resume:
+            raise ValueError(f"--step {from_step} resumes the run, but train.resume is false: drop one of them")
+        if not os.path.isdir(checkpoints):
+            raise FileNotFoundError(f"--step {from_step} resumes an existing run, but {checkpoints} does not exist "
+                                    f"(train.run_dir {run.run_dir!r})")
     created = not os.path.exists(run.run_dir)
     checkpointer = None
     try:
         os.makedirs(run.run_dir, exist_ok=True)
-        checkpointer = Checkpointer(
-            os.path.join(run.run_dir, "checkpoints"), save_every=run.save_every, keep=run.keep_checkpoints,
-            async_save=run.async_checkpoints,
-        )
-        resume_step = checkpointer.latest_step() if run.resume else None
+        checkpointer = Checkpointer(checkpoints, save_every=run.save_every, keep=run.keep_checkpoints,
+                                    async_save=run.async_checkpoints)
+        steps = checkpointer.all_steps()
+        if from_step is not None and from_step not in steps:
+            raise FileNotFoundError(f"--step {from_step}: no complete checkpoint step {from_step} in {checkpoints}; "
+                                    f"complete steps: {', '.join(map(str, steps)) or 'none'}")
+        resumes = run.resume and bool(steps)
         if primary:
             print("\n".join(run_description(cfg, mesh, memory, config_name)), flush=True)
             for warning in config_warnings(cfg):
@@ -231,21 +247,15 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
                                 process_index=jax.process_index(), process_count=jax.process_count())
 
         start_step = 0
-        if resume_step is not None:
-            damaged: list[DamagedCheckpointError] = []
-            start_step, nested, data_state, _ = checkpointer.restore(to_nested_dict(abstract_like(state)),
-                                                                     on_damaged=damaged.append)
-            state = from_nested_dict(state, nested)
+        if resumes:
+            start_step, state, data_state = resume(checkpointer, state, from_step, primary)
             data_iter.set_state(data_state)
-            for error in damaged:  # moved aside, not deleted, so that this run can save those steps again
-                kept = checkpointer.set_aside(error.step)
-                if primary:
-                    print(f"zaya-train: warning: {error}; resuming from step {start_step}, the newest step that "
-                          f"restores cleanly; the damaged step is kept as {kept}", file=sys.stderr, flush=True)
+        if from_step is not None or not run.resume:  # (a default resume starts at the newest step that restores)
+            set_aside_newer(checkpointer, start_step, "--step" if run.resume else "train.resume is false", primary)
         # Written only once the checkpoint is known to fit this configuration: a failed resume into a different
         # architecture must not leave a config.yaml that no longer describes the run's checkpoints.
         if primary:
-            print(start_line(run, start_step if resume_step is not None else None), flush=True)
+            print(start_line(run, start_step if resumes else None), flush=True)
             write_config(cfg, run.run_dir)
     except BaseException:
         if checkpointer is not None:
@@ -363,6 +373,42 @@ def run_training(cfg: TrainConfig, *, stream=None, stop_after: int | None = None
     if primary and history["step"]:
         write_plots(run.run_dir, history, accuracy)
     return summary
+
+
+def resume(checkpointer: Checkpointer, state: TrainState, from_step: int | None,
+           primary: bool) -> tuple[int, TrainState, dict]:
+    """(step, state, data iterator state) restored from checkpoint `from_step`, or by default from the newest step
+    that restores cleanly, whose damaged newer steps are renamed `<step>.damaged` (kept, so that this run can save
+    those steps again), each said in one line."""
+    abstract = to_nested_dict(abstract_like(state))
+    if from_step is not None:
+        try:  # the step asked for, or the error: no fallback
+            step, nested, data_state, _ = checkpointer.restore(abstract, step=from_step)
+        except DamagedCheckpointError as e:
+            raise e.suggesting_other_steps(checkpointer.all_steps()) from None
+        return step, from_nested_dict(state, nested), data_state
+    damaged: list[DamagedCheckpointError] = []
+    step, nested, data_state, _ = checkpointer.restore(abstract, on_damaged=damaged.append)
+    kept = [checkpointer.set_aside(error.step, DAMAGED_SUFFIX) for error in damaged]
+    complete = ", ".join(map(str, checkpointer.all_steps()))  # once every damaged step is aside
+    for error, path in zip(damaged, kept):
+        if primary:
+            print(f"zaya-train: warning: {error}; resuming from step {step}, the newest step that restores cleanly; "
+                  f"the damaged step is kept as {path} (choose another step with --step N; complete steps: "
+                  f"{complete})", file=sys.stderr, flush=True)
+    return step, from_nested_dict(state, nested), data_state
+
+
+def set_aside_newer(checkpointer: Checkpointer, start_step: int, reason: str, primary: bool) -> None:
+    """Renames the complete steps newer than `start_step` (those a run resumed with --step N passes over, or all of
+    them for a new run, train.resume=false) to `<step>.superseded`: kept, but no longer steps, so that the run
+    saves its own steps there (orbax skips saving a step that exists) and a later resume finds those. Said in one
+    line."""
+    newer = [s for s in checkpointer.all_steps() if s > start_step]
+    kept = [checkpointer.set_aside(s, SUPERSEDED_SUFFIX) for s in newer]
+    if newer and primary:
+        print(f"starting from step {start_step} ({reason}): the newer checkpoint step{'s' if len(newer) > 1 else ''} "
+              f"{', '.join(map(str, newer))} moved aside, kept as {', '.join(kept)}", flush=True)
 
 
 def all_data_states(data_iter: HostBatches) -> dict[str, Any]:

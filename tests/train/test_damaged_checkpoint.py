@@ -1,5 +1,7 @@
 """A damaged checkpoint step of a real run (the Checkpointer's own damage tests are in test_checkpoint.py): zaya-train
-names it in one line with its cause, resumes from the newest step that restores cleanly and keeps the damaged one;
+names it in one line with its cause, resumes from the newest step that restores cleanly and keeps the damaged one
+(suggesting --step N); zaya-train --step N resumes from an older step and keeps the newer ones aside, and a step
+that is not there, or damaged, is one line;
 zaya-export and zaya-generate read only the parameters, say which step they used and name a damaged --step in one
 line; the exported folder carries a tokenizer that zaya-generate and transformers load without flags.
 
@@ -7,11 +9,13 @@ One tiny 4-step run (checkpoints at steps 2 and 4) is trained once; every test d
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -83,7 +87,8 @@ def test_resume_falls_back_to_the_newest_intact_step_and_keeps_the_damaged_one(t
     assert "resuming from step 2, the newest step that restores cleanly" in warnings[0]
     assert "resuming from step 2 (checkpoints/2), training to step 4" in captured.out
     kept = run / "checkpoints" / "4.damaged"
-    assert warnings[0].endswith(f"the damaged step is kept as {kept}")
+    assert warnings[0].endswith(f"the damaged step is kept as {kept} (choose another step with --step N; complete "
+                                "steps: 2)")
     assert {p.name: p.read_bytes() for p in sorted((kept / "state" / "ocdbt.process_0" / "d").iterdir())} == \
         damaged_bytes
     # Steps 3 and 4 were trained again from step 2's state: bitwise the losses of the original run (resume is exact).
@@ -133,3 +138,95 @@ def test_the_exported_folder_carries_the_tokenizer(run, tmp_path, capsys):
     from_export = capsys.readouterr().out
     assert generate_main(["--model", str(run), "--prompt", "1+1", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out == from_export
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _data_state(step_dir: Path) -> dict:
+    # orbax's JSON handler stores the item as a plain JSON file: read without the code under test.
+    return json.loads((step_dir / "data_state" / "metadata").read_text())
+
+
+def _saved_state(run_dir: Path, step: int) -> dict:
+    return ocp.StandardCheckpointer().restore(_state_dir(run_dir, step), _abstract_state(run_dir, step))
+
+
+def test_step_resumes_from_an_older_step_and_keeps_the_newer_ones_aside(trained, run, capsys):
+    original_4 = _files(trained / "checkpoints" / "4")
+    assert train_main([*_train_args(run), "--step", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    kept = run / "checkpoints" / "4.superseded"
+    assert f"starting from step 2 (--step): the newer checkpoint step 4 moved aside, kept as {kept}" in out
+    assert "resuming from step 2 (checkpoints/2), training to step 4" in out
+    assert _files(kept) == original_4  # kept as it was, byte for byte
+    # The resumed run continued from step 2's checkpoint: its first step follows that checkpoint's own step counter,
+    # its losses are the original run's (resume is exact) ...
+    saved_step = int(_saved_state(trained, 2)["step"])
+    original = {r["step"]: r["loss"] for r in read_metrics(trained)}
+    again = read_metrics(run)[len(original):]
+    assert [r["step"] for r in again] == list(range(saved_step + 1, 5))
+    assert [r["loss"] for r in again] == [original[s] for s in range(saved_step + 1, 5)]
+    # ... and its new step 4 is the original step 4: the same data position (iterator state) and, bitwise, the same
+    # arrays (parameters, optimizer and balancer state, step counter, rng).
+    assert _data_state(run / "checkpoints" / "4") == _data_state(trained / "checkpoints" / "4") != \
+        _data_state(trained / "checkpoints" / "2")
+    new, old = _saved_state(run, 4), _saved_state(trained, 4)
+    assert jax.tree.structure(new) == jax.tree.structure(old)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
+def test_a_new_run_over_old_checkpoints_keeps_them_aside_and_saves_its_own(trained, run, capsys):
+    # train.resume=false in a directory with checkpoints: Checkpointer.save skips a step that exists, so without
+    # moving them aside the new run's checkpoints would be lost and a later resume would pick up the old run.
+    assert train_main([*_train_args(run), "--set", "train.resume=false", "--set", "train.steps=2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    kept = [run / "checkpoints" / "2.superseded", run / "checkpoints" / "4.superseded"]
+    assert (f"starting from step 0 (train.resume is false): the newer checkpoint steps 2, 4 moved aside, kept as "
+            f"{kept[0]}, {kept[1]}") in out
+    assert "new run from step 0 to step 2" in out
+    assert [_files(k) for k in kept] == [_files(trained / "checkpoints" / s) for s in ("2", "4")]
+    # The new run's own step 2 was saved: a fresh run with the same seed and data is the original's first 2 steps.
+    assert _data_state(run / "checkpoints" / "2") == _data_state(trained / "checkpoints" / "2")
+    new, old = _saved_state(run, 2), _saved_state(trained, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+
+
+def test_step_that_is_not_there_or_damaged_is_one_line_and_changes_nothing(run, tmp_path, capsys):
+    # The complete steps as on disk (digit-only directory names), not as the code under test lists them.
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    before = _files(run)
+    assert train_main([*_train_args(run), "--step", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"zaya-train: error: --step 3: no complete checkpoint step 3 in {run}/checkpoints; complete "
+                   f"steps: {', '.join(map(str, steps))}\n")
+    assert _files(run) == before
+
+    missing = tmp_path / "no-such-run"
+    assert train_main([*_train_args(missing), "--step", "2"]) == 2
+    assert capsys.readouterr().err == (f"zaya-train: error: --step 2 resumes an existing run, but "
+                                       f"{missing}/checkpoints does not exist (train.run_dir '{missing}')\n")
+    assert not missing.exists()
+    assert train_main([*_train_args(run), "--set", "train.resume=false", "--step", "2"]) == 2
+    assert capsys.readouterr().err == ("zaya-train: error: --step 2 resumes the run, but train.resume is false: drop "
+                                       "one of them\n")
+
+    # The dry run says what --step (or train.resume=false) would do to the checkpoints, and does nothing.
+    assert train_main([*_train_args(run), "--step", "3", "--dry-run"]) == 0
+    assert (f"the run would resume from checkpoint step 3 of {run}/checkpoints (--step; checked when it starts) and "
+            "move the newer steps aside") in capsys.readouterr().out.splitlines()
+    assert train_main([*_train_args(run), "--set", "train.resume=false", "--dry-run"]) == 0
+    assert (f"new run from step 0 to step 4; the checkpoints in {run}/checkpoints would be moved aside "
+            "(train.resume is false)") in capsys.readouterr().out.splitlines()
+    assert _files(run) == before
+
+    # A damaged step asked for is the error (no fallback), with the other steps named; nothing is moved aside.
+    _truncate_data_files(run)
+    damaged = _files(run)
+    assert train_main([*_train_args(run), "--step", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(CAUSES, err)
+    assert err.startswith(f"zaya-train: error: checkpoint step 4 in '{run}/checkpoints' is damaged: ")
+    assert err.endswith("choose another step with --step N (other complete steps: 2)\n")
+    assert _files(run) == damaged
