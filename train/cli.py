@@ -252,7 +252,23 @@ def load_for_inference(path: str, tokenizer_spec: str | None = None,
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}: wrong --tokenizer?")
+    if tokenizer.vocab_size < model.config.vocab_size:  # a padded vocabulary, or an untrained model's ids
+        print(f"note: the model has {model.config.vocab_size} token ids, the tokenizer {tokenizer.vocab_size}: "
+              f"generated ids the tokenizer does not have print as <id N>", file=sys.stderr)
     return model, tokenizer
+
+
+def decode_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """tokenizer.decode(ids), with each id the tokenizer does not have (a model's vocabulary can be larger)
+    written as <id N> in its place."""
+    parts, run = [], []
+    for i in ids:
+        if i < tokenizer.vocab_size:
+            run.append(i)
+            continue
+        parts.append(tokenizer.decode(run) + f"<id {i}>")
+        run = []
+    return "".join(parts) + tokenizer.decode(run)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -286,7 +302,7 @@ class _TextStream:
         if done[0]:
             return
         self.ids.append(int(tokens[0]))
-        text = self.tokenizer.decode(self.ids)
+        text = decode_text(self.tokenizer, self.ids)
         if text.startswith(self.printed) and not text.endswith("\ufffd"):
             self.out.write(text[len(self.printed):])
             self.out.flush()
@@ -318,10 +334,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, BackendUnavailable) as e:
         return _fail("zaya-generate", e)
     if stream is not None:
-        print(stream.prefix + tokenizer.decode(generated[0])[len(stream.printed):])
+        print(stream.prefix + decode_text(tokenizer, generated[0])[len(stream.printed):])
     else:
         for prompt, ids in zip(args.prompt, generated):
-            print(f"=== {prompt}\n{tokenizer.decode(ids)}")
+            print(f"=== {prompt}\n{decode_text(tokenizer, ids)}")
     tokens = sum(len(ids) for ids in generated)
     print(f"[{tokens} tokens in {seconds:.2f}s (compile included) on {jax.devices()[0].platform}]", file=sys.stderr)
     return 0

@@ -50,6 +50,24 @@ def test_generate_decodes_a_directory_transformers_wrote_as_transformers_does(tm
     assert capsys.readouterr().out == "<think>" + TOK.decode(expected) + "\n"
 
 
+def test_ids_the_tokenizer_does_not_have_print_as_placeholders(tmp_path, capsys):
+    """A model vocabulary larger than the tokenizer's (padded, or an untrained model, as a random full-size
+    checkpoint with the byte tokenizer): the ids past the tokenizer print as <id N>, with a note, not a traceback."""
+    import itertools
+
+    model = init_model(load_preset("tiny").replace(vocab_size=400), seed=5)
+    save_pretrained(model, tmp_path / "wide_vocab")
+    assert generate_main(["--model", str(tmp_path / "wide_vocab"), "--tokenizer", "byte", "--prompt", "hi",
+                          "--max-new-tokens", "24", "--raw", "--temperature", "1.0", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    ids = generate_ids(model, [TOK.encode("hi")], 24, stop_tokens=(TOK.eos_id,), temperature=1.0, seed=1)[0]
+    assert any(i >= TOK.vocab_size for i in ids), ids  # 139 of 400 ids are past the byte tokenizer
+    expected = "".join(TOK.decode(list(run)) if known else "".join(f"<id {i}>" for i in run)
+                       for known, run in itertools.groupby(ids, key=lambda i: i < TOK.vocab_size))
+    assert captured.out == expected + "\n"
+    assert "the model has 400 token ids, the tokenizer 261" in captured.err
+
+
 def test_generate_batches_several_prompts(exported, capsys):
     _, path = exported
     assert generate_main(["--model", path, "--tokenizer", "byte", "--prompt", "a", "--prompt", "bb",
