@@ -117,14 +117,17 @@ def _first_visible_query_tile(start, k_first, block_q, num_q):
     return jnp.clip((k_first - start) // block_q, 0, num_q)
 
 
-def _dkv_tile(q, do, q_seg, lse, delta, k, v, kv_seg, q_first, k_first, scale):
-    """One query tile's contribution to a key tile's (dk / scale, dv), float32 [block_k, D] each: q, do [bq, D],
-    q_seg, lse, delta [bq, 1]; k, v [bk, D], kv_seg [1, bk]."""
+def _dkv_tile(dk, dv, q, do, q_seg, lse, delta, k, v, kv_seg, q_first, k_first, scale):
+    """Adds one query tile's contribution to a key tile's float32 accumulators (dk / scale, dv) [bk, D]: q, do
+    [bq, D], q_seg, lse, delta [bq, 1]; k, v [bk, D], kv_seg [1, bk]. Each product is added to its accumulator as
+    it is made: with the products made first and added after, Triton asked for 263680 bytes of shared memory on
+    an H100 (which has 232448)."""
     p = jnp.exp(_scores(q, k, q_seg, kv_seg, q_first, k_first, scale) - lse)
-    dv = jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dk = jax.lax.dot_general((p * (dp - delta)).astype(q.dtype), q, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+    dk = dk + jax.lax.dot_general((p * (dp - delta)).astype(q.dtype), q, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
     return dk, dv
 
 
@@ -142,9 +145,8 @@ def _dkv_loop_kernel(start_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse
     def head(g, carry):
         def body(i, carry):
             tile = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
-            dk, dv = _dkv_tile(q_ref[g, tile, :], do_ref[g, tile, :], qs_ref[tile, :], lse_ref[g, tile, :],
-                               delta_ref[g, tile, :], k, v, kv_seg, start + i * block_q, k_first, scale)
-            return carry[0] + dk, carry[1] + dv
+            return _dkv_tile(*carry, q_ref[g, tile, :], do_ref[g, tile, :], qs_ref[tile, :], lse_ref[g, tile, :],
+                             delta_ref[g, tile, :], k, v, kv_seg, start + i * block_q, k_first, scale)
 
         return jax.lax.fori_loop(first, num_q, body, carry)
 
@@ -170,10 +172,9 @@ def _dkv_grid_kernel(start_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse
 
     @pl.when(i >= _first_visible_query_tile(start, k_first, block_q, pl.num_programs(4)))
     def _accumulate():
-        dk, dv = _dkv_tile(q_ref[...], do_ref[...], qs_ref[...], lse_ref[...], delta_ref[...], k_ref[...],
-                           v_ref[...], ks_ref[...], start + i * block_q, k_first, scale)
-        dk_acc[...] += dk
-        dv_acc[...] += dv
+        dk_acc[...], dv_acc[...] = _dkv_tile(dk_acc[...], dv_acc[...], q_ref[...], do_ref[...], qs_ref[...],
+                                             lse_ref[...], delta_ref[...], k_ref[...], v_ref[...], ks_ref[...],
+                                             start + i * block_q, k_first, scale)
 
     @pl.when((g == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _write():
