@@ -11,7 +11,8 @@ import importlib.util
 import pytest
 
 from train.compile import main
-from train.compile_kernels import VMEM_STEP, _compile, compile_kernels, kernel_cases, kernel_mesh
+from train.compile_kernels import (VMEM_STEP, _compile, block_bytes, compile_kernels, kernel_cases, kernel_mesh,
+                                   vmem_capacity)
 from train.targets import parse_target
 from zaya_jax import load_preset
 
@@ -64,6 +65,30 @@ def test_vmem_from_the_compiler_covers_the_blocks_and_is_the_smallest_limit_it_a
     mesh = kernel_mesh(target)
     assert _compile(fn, args, mesh, {figure.kernel: figure.needed_bytes}) is None
     refused = _compile(fn, args, mesh, {figure.kernel: figure.needed_bytes - VMEM_STEP})
+    assert refused is not None and "Scoped allocation" in str(refused)
+
+
+@needs_tpu
+def test_the_tpu_flash_backward_holds_tiles_whatever_the_length():
+    """The dk/dv kernel's TPU layout ("query_grid") holds one query tile per program: its BlockSpecs are the same at
+    S = 256 and 1024, Mosaic compiles it at both within their double-buffered bytes (+ scratch), and refuses it
+    below one copy (the limit binds)."""
+    target = parse_target("tpu:v5e:2x2")
+    mesh = kernel_mesh(target)
+    backward = {n: [(fn, args) for name, _, _, fn, args in kernel_cases(MODEL, (n,), ()) if name == "flash backward"][0]
+                for n in (256, 1024)}
+    # One program holds: the query and output-gradient tiles [128, D] bf16, the key and value tiles and the dk and
+    # dv output tiles [128, D] bf16, the query segment ids and the two row statistics as [128, 1] 32-bit columns,
+    # the key segment ids as a [1, 128] int32 row; scratch: the dk and dv accumulators [128, D] float32.
+    tile, d = 128, MODEL.head_dim
+    held, scratch = 6 * tile * d * 2 + 4 * tile * 4, 2 * tile * d * 4
+    # The program's other kernels (forward, dq) at the core's whole VMEM, as zaya-compile measures one kernel.
+    capacity = vmem_capacity(mesh.devices.flat[0])
+    others = {"cca_flash_forward": capacity, "cca_flash_dq": capacity}
+    for n, (fn, args) in backward.items():
+        assert block_bytes(fn, args, mesh)["cca_flash_dkv"] == (held, scratch), n
+        assert _compile(fn, args, mesh, {**others, "cca_flash_dkv": 2 * held + scratch}) is None, n
+    refused = _compile(*backward[256], mesh, {**others, "cca_flash_dkv": held // 2})
     assert refused is not None and "Scoped allocation" in str(refused)
 
 

@@ -19,7 +19,7 @@ from tests.tolerances import BF16_EPS, float32_bound, model_depth, model_terms
 from zaya_jax import generate, init_model, load_preset
 from zaya_jax.attention import attend, xla_attention
 from zaya_jax.kernels.decode_attention import decode_attention
-from zaya_jax.kernels.flash_attention import flash_attention
+from zaya_jax.kernels.flash_attention import DKV_LAYOUTS, flash_attention
 
 POISONED = pltpu.InterpretParams(uninitialized_memory="nan")
 
@@ -61,40 +61,58 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+@pytest.mark.parametrize("dkv_layout", DKV_LAYOUTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_flash_attention_forward_and_gradients_match_xla(dtype):
+def test_flash_attention_forward_and_gradients_match_xla(dtype, dkv_layout):
     q, k, v = _inputs(dtype)
     segments = _packed_segments(2, 37)
-    weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
-
-    def loss(fn, q, k, v):
-        return jnp.sum(fn(q, k, v, segments, segments, 0).astype(jnp.float32) * weights)
-
-    flash = lambda *a: flash_attention(*a, 16, 8, POISONED)  # noqa: E731  tiles of 16 queries, 8 keys
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), dtype)  # the output's cotangent
+    flash = lambda q, k, v: flash_attention(q, k, v, segments, segments, 0, 16, 8, POISONED,  # noqa: E731
+                                            dkv_layout)  # tiles of 16 queries, 8 keys
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    reference = xla_attention(*f32, segments, segments, 0)
+    reference, reference_vjp = jax.vjp(lambda *a: xla_attention(*a, segments, segments, 0), *f32)
+    out, flash_vjp = jax.vjp(flash, q, k, v)  # one forward for the output and the gradients
     terms = max(q.shape[1], q.shape[3])  # the keys of a row, or a head's dims
-    assert _rel(flash(q, k, v, segments, segments, 0), reference) <= _bound(dtype, terms, ATTENTION_DEPTH)
-    expected = jax.grad(lambda *a: loss(xla_attention, *a), argnums=(0, 1, 2))(*f32)
-    got = jax.grad(lambda *a: loss(flash, *a), argnums=(0, 1, 2))(q, k, v)
-    for name, g, e in zip("qkv", got, expected):
+    assert _rel(out, reference) <= _bound(dtype, terms, ATTENTION_DEPTH)
+    expected = reference_vjp(weights.astype(jnp.float32))
+    for name, g, e in zip("qkv", flash_vjp(weights), expected):
         assert g.dtype == dtype
         # dK and dV also sum over the query heads that share a KV head.
         assert _rel(g, e) <= _bound(dtype, terms * q.shape[2], ATTENTION_GRAD_DEPTH), name
 
 
-def test_flash_attention_prefill_into_a_longer_cache():
-    """Queries at indices start + arange(S) against keys at arange(T), T > S, as the cached prefill calls it."""
-    q, k, v = _inputs(jnp.float32, seq=9, kv_len=29, seed=2)
+@pytest.mark.parametrize("dkv_layout", DKV_LAYOUTS)
+def test_flash_attention_prefill_into_a_longer_cache(dkv_layout):
+    """Queries at indices start + arange(S) against keys at arange(T), T > S, as the cached prefill calls it; the
+    gradients too, where the dk/dv kernel's first visible query tile depends on the start (and the last key tile,
+    after every query, is seen by none)."""
+    q, k, v = _inputs(jnp.float32, seq=9, kv_len=37, seed=2)
     start = 11
-    valid = np.zeros((2, 29), np.int32)
+    valid = np.zeros((2, 37), np.int32)
     valid[:, :start + 9] = 1
     valid[1, :3] = 0  # left padding of row 1
     valid = jnp.asarray(valid)
     q_segments = valid[:, start:start + 9]
-    reference = xla_attention(q, k, v, q_segments, valid, start)
-    got = flash_attention(q, k, v, q_segments, valid, jnp.int32(start), 8, 8, POISONED)
-    assert _rel(got, reference) <= _bound(jnp.float32, 29, ATTENTION_DEPTH)
+    flash = lambda q, k, v: flash_attention(q, k, v, q_segments, valid, jnp.int32(start), 8, 8, POISONED,  # noqa: E731
+                                            dkv_layout)
+    reference = lambda q, k, v: xla_attention(q, k, v, q_segments, valid, start)  # noqa: E731
+    (out, flash_vjp), (want, reference_vjp) = jax.vjp(flash, q, k, v), jax.vjp(reference, q, k, v)
+    assert _rel(out, want) <= _bound(jnp.float32, 37, ATTENTION_DEPTH)
+    weights = jnp.asarray(np.random.default_rng(7).normal(size=q.shape), jnp.float32)  # the output's cotangent
+    for name, g, e in zip("qkv", flash_vjp(weights), reference_vjp(weights)):
+        assert _rel(g, e) <= _bound(jnp.float32, 37 * q.shape[2], ATTENTION_GRAD_DEPTH), name
+
+
+def test_an_unknown_dkv_layout_is_a_clear_error():
+    q, k, v = _inputs(jnp.float32, seq=4)
+    ones = jnp.ones((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match=r"dkv_layout 'query_tiles' is not one of \('query_loop', 'query_grid'\)"):
+        flash_attention(q, k, v, ones, ones, 0, 8, 8, POISONED, "query_tiles")
+    # The TPU layout's sequential grid axes do not exist in Triton: lowering it for anything but a TPU is refused.
+    grad = jax.grad(lambda q: jnp.sum(flash_attention(q, k, v, ones, ones, 0, 8, 8, False, "query_grid")))
+    with pytest.raises(ValueError, match=r"'cca_flash_dkv' has 2 sequential grid axes .* only Mosaic \(TPU\) runs; "
+                                         "this lowers for cpu"):
+        jax.make_jaxpr(grad)(q)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -82,18 +82,26 @@ def mosaic_vmem_limits(limits: Mapping[str, int]) -> Iterator[None]:
         _VMEM_LIMITS.reset(token)
 
 
-def compiler_params(interpret, grid_rank: int, name: str):
-    """Mosaic settings on TPU (every grid axis "parallel": each program writes only its own output blocks, so
-    Mosaic may split any axis across TensorCores); Triton settings elsewhere: the kernels use Pallas's generic
-    primitives (refs, BlockSpecs, fori_loop), which the Triton lowering takes, while the Mosaic GPU lowering wants
-    warpgroup-level code. Nothing in the interpreter. `name` is the pallas_call's, for `mosaic_vmem_limits`."""
+def compiler_params(interpret, grid_rank: int, name: str, sequential: int = 0):
+    """Mosaic settings on TPU: the last `sequential` grid axes "arbitrary" (reductions whose programs run in order
+    on one core, accumulating in VMEM scratch), the others "parallel" (each program writes only its own output
+    blocks, so Mosaic may split them across TensorCores). Triton settings elsewhere: the kernels use Pallas's
+    generic primitives (refs, BlockSpecs, fori_loop), which the Triton lowering takes, while the Mosaic GPU lowering
+    wants warpgroup-level code; Triton runs every program independently, so a kernel with sequential axes is refused
+    there (ValueError). Nothing in the interpreter, which runs the grid in order. `name` is the pallas_call's, for
+    `mosaic_vmem_limits`."""
     if interpret is not False:
         return None
-    if target_platform() == "tpu":
+    platform = target_platform()
+    if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank,
-                                    vmem_limit_bytes=_VMEM_LIMITS.get().get(name))
+        return pltpu.CompilerParams(
+            dimension_semantics=("parallel",) * (grid_rank - sequential) + ("arbitrary",) * sequential,
+            vmem_limit_bytes=_VMEM_LIMITS.get().get(name))
+    if sequential:
+        raise ValueError(f"Pallas kernel {name!r} has {sequential} sequential grid axes (a reduction over programs "
+                         f"run in order), which only Mosaic (TPU) runs; this lowers for {platform}")
     from jax.experimental.pallas import triton as pltriton
 
     return pltriton.CompilerParams(num_warps=4, num_stages=2)
