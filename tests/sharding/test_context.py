@@ -1,6 +1,8 @@
 """Context parallelism on 8 CPU devices: a sequence split over the `context` axis (dual-chunk layout, CCA halo by
-ppermute, all-gathered K/V) computes what the unsplit model computes: logits, loss, every parameter gradient and
-one full training step, with packed documents, a document starting on a chunk boundary and left padding."""
+ppermute, all-gathered K/V) computes what the unsplit model computes: logits, loss, every parameter gradient (with
+xla attention, and with the Pallas kernels in their interpreter) and one full training step (with gradient
+accumulation and the chunked loss), with packed documents, a document starting on a chunk boundary and left
+padding."""
 
 from __future__ import annotations
 
@@ -32,19 +34,24 @@ ROWS, SEQ = 4, 32
 # The CPU backend's LLVM passes at their lowest: the HLO (SPMD partitioning, collectives, fusion) is the one the
 # default level gives and the numbers are within the same float32 bounds, at about half the compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-# (mesh, conv kernels (depthwise, grouped), moe_impl): kernels 1, 2 and 3, halo widths K = 3 and 2; at context 8
-# the chunks are 2 tokens, so the halo is a whole chunk. Cases with equal kernels share their unsplit reference.
+# (mesh, conv kernels (depthwise, grouped), moe_impl, attention_impl): kernels 1, 2 and 3, halo widths K = 3 and 2
+# (each under xla and K = 3 under pallas too); at context 8 the chunks are 2 tokens, so the halo is a whole chunk.
+# Cases with equal kernels share their unsplit reference, which runs xla attention. "pallas" runs the Pallas
+# kernels in the interpreter on this CPU: the fused prologue on each local chunk after its received conv history,
+# flash attention once per local chunk with its real query start.
 CASES = {
-    "context2": (MeshConfig(data=-1, context=2), (2, 3), "sorted"),
-    "context4": (MeshConfig(data=-1, context=4), (3, 1), "sorted"),
-    "context8": (MeshConfig(data=1, context=8), (3, 1), "sorted"),
-    "data2_context2_expert2": (MeshConfig(data=2, expert=2, context=2), (3, 1), "expert_parallel"),
+    "context2_pallas": (MeshConfig(data=-1, context=2), (2, 3), "sorted", "pallas"),
+    "context4": (MeshConfig(data=-1, context=4), (3, 1), "sorted", "xla"),
+    "context8": (MeshConfig(data=1, context=8), (3, 1), "sorted", "xla"),
+    "data2_context2_expert2": (MeshConfig(data=2, expert=2, context=2), (2, 3), "expert_parallel", "xla"),
 }
+PALLAS_KERNELS = ("cca_prologue", "cca_prologue_backward", "cca_flash_forward", "cca_flash_dq", "cca_flash_dkv")
 
 
 def _config(case: str):
-    _, (k_dw, k_gr), moe_impl = CASES[case]
-    return BASE.replace(conv_kernel_depthwise=k_dw, conv_kernel_grouped=k_gr, moe_impl=moe_impl)
+    _, (k_dw, k_gr), moe_impl, attention_impl = CASES[case]
+    return BASE.replace(conv_kernel_depthwise=k_dw, conv_kernel_grouped=k_gr, moe_impl=moe_impl,
+                        attention_impl=attention_impl)
 
 
 def _documents() -> np.ndarray:
@@ -97,20 +104,23 @@ _grad = jax.value_and_grad(_loss_and_logits, argnums=1, has_aux=True)
 
 @pytest.fixture(scope="module")
 def compiled_cases(batch):
-    """Per case: the unsplit reference (loss, logits, grads), the split run's (logits back in real order), the
-    compiled split program's HLO text, and the model whose weights both ran."""
+    """Per case: the unsplit reference (loss, logits, grads), the split run's (logits back in real order), and
+    the compiled split program's HLO text."""
     out, references = {}, {}
-    for case, (mesh_config, kernels, _) in CASES.items():
-        config = _config(case)
-        # The unsplit reference runs on one device, where the experts are dispatched "sorted".
-        model = init_model(config.replace(moe_impl="sorted"), seed=0)
-        if kernels not in references:
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            unsplit = {k: jnp.asarray(v) for k, v in step_batch(batch).items()}
-            compiled = jax.jit(_grad, static_argnums=0).lower(graphdef, params, rest, unsplit).compile(FAST_COMPILE)
-            references[kernels] = jax.device_get(compiled(params, rest, unsplit))
-        got, hlo = _split_run(model, config, mesh_config, batch)
-        out[case] = {"ref": references[kernels], "got": got, "hlo": hlo, "config": config, "model": model}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ZAYA_PALLAS_INTERPRET", "1")  # the pallas case's kernels, in the interpreter
+        for case, (mesh_config, kernels, _, _) in CASES.items():
+            config = _config(case)
+            # The unsplit reference runs on one device, where the experts are dispatched "sorted", with xla attention.
+            model = init_model(config.replace(moe_impl="sorted", attention_impl="xla"), seed=0)
+            if kernels not in references:
+                graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+                unsplit = {k: jnp.asarray(v) for k, v in step_batch(batch).items()}
+                compiled = jax.jit(_grad, static_argnums=0).lower(graphdef, params, rest, unsplit).compile(
+                    FAST_COMPILE)
+                references[kernels] = jax.device_get(compiled(params, rest, unsplit))
+            got, hlo = _split_run(model, config, mesh_config, batch)
+            out[case] = {"ref": references[kernels], "got": got, "hlo": hlo, "config": config}
     return out
 
 
@@ -132,29 +142,17 @@ def _split_run(model, config, mesh_config: MeshConfig, batch):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_sequence_equals_unsplit(case, compiled_cases):
-    """Logits, loss and every parameter gradient at context 2, 4, 8 and data2 x context2 x expert2 (expert
-    parallelism: tokens of every context shard go through one dispatch)."""
+    """Logits, loss and every parameter gradient at context 2 (pallas attention), 4, 8 and data2 x context2 x
+    expert2 (expert parallelism: tokens of every context shard go through one dispatch) equal the unsplit xla run's.
+    """
     run = compiled_cases[case]
-    _assert_equals_unsplit(run["got"], run["ref"], run["config"])
-
-
-def test_pallas_kernels_split_over_context_equal_unsplit_xla(compiled_cases, batch, monkeypatch):
-    """attention_impl "pallas" at context 2 (the Pallas interpreter on this CPU): the fused prologue runs on each
-    local chunk after its received conv history, flash attention once per local chunk with its real query start;
-    logits, loss and gradients equal the unsplit XLA run's (context2's reference, kernels 2 and 3: K = 3)."""
-    monkeypatch.setenv("ZAYA_PALLAS_INTERPRET", "1")
-    run = compiled_cases["context2"]
-    config = run["config"].replace(attention_impl="pallas")
-    got, hlo = _split_run(run["model"], config, CASES["context2"][0], batch)
-    # The compiled program holds every kernel, forward and backward (their pallas_call names in its metadata).
-    for kernel in ("cca_prologue", "cca_prologue_backward", "cca_flash_forward", "cca_flash_dq", "cca_flash_dkv"):
-        assert re.search(rf"\b{kernel}\b", hlo), f"{kernel} is not in the compiled context-parallel program"
-    _assert_equals_unsplit(got, run["ref"], config)
-
-
-def _assert_equals_unsplit(got, ref, config) -> None:
-    (ref_loss, ref_logits), ref_grads = ref
-    loss, logits, grads = got
+    config = run["config"]
+    # The pallas program holds every kernel, forward and backward (their pallas_call names in its metadata); the
+    # xla programs none.
+    for kernel in PALLAS_KERNELS:
+        assert bool(re.search(rf"\b{kernel}\b", run["hlo"])) == (config.attention_impl == "pallas"), kernel
+    (ref_loss, ref_logits), ref_grads = run["ref"]
+    loss, logits, grads = run["got"]
     # The split program sums the same terms in another order (per chunk, per shard): tolerances.py's bound for the
     # forward's chained sums; the gradients add the backward's chain and the sums over the batch's tokens.
     terms = max(model_terms(config, SEQ), ROWS * SEQ)
