@@ -20,7 +20,8 @@ document inside a packed row computes exactly what it computes alone, and left-p
 `conv_history` [B, K, C] and `value_history` [B, Hkv*D/2] carry the state of earlier tokens (cached decoding, and
 each chunk of a context-parallel sequence: zaya_jax/parallel/context.py); zeros mean "start of sequence".
 `prologue_reference` is everything from q0, k0 to the attention's q and k, in XLA; with attention_impl "pallas"
-the fused kernel of zaya_jax/kernels/cca_prologue.py computes it instead.
+the fused kernel of zaya_jax/kernels/cca_prologue.py computes it instead (`fused_prologue_after`, the history
+included) for every call of more than one token: training, context-parallel chunks, prefill.
 """
 
 from __future__ import annotations
@@ -81,10 +82,8 @@ class CCAttention(nnx.Module):
         cos, sin = rotary_embedding(positions, cfg.rotary_dim, cfg.rope_theta)
         params = PrologueParams(self.conv_depthwise[...], self.conv_depthwise_bias[...], self.conv_grouped[...],
                                 self.conv_grouped_bias[...], self.temperature[...])
-        if cfg.attention_impl == "pallas" and conv_history is None:
-            interpret = pallas_interpret("pallas")
-            q, k = fused_prologue(q0, k0, segment_ids, cos, sin, params, 16 if interpret is not False else 64,
-                                  interpret)
+        if cfg.attention_impl == "pallas" and s > 1:  # one decoded token: a kernel tile would hold one row
+            q, k = fused_prologue_after(conv_history, q0, k0, segment_ids, cos, sin, params)
         else:
             q, k = prologue_reference(q0, k0, segment_ids, cos, sin, params, conv_history)
 
@@ -197,6 +196,26 @@ class CCAttention(nnx.Module):
     def _output(self, out: jax.Array) -> jax.Array:
         dtype = compute_dtype(self.config)
         return matmul(out.reshape(*out.shape[:2], -1).astype(dtype), self.o_proj[...])
+
+
+def fused_prologue_after(history: jax.Array | None, q0: jax.Array, k0: jax.Array, segment_ids: jax.Array,
+                         cos: jax.Array, sin: jax.Array, params: PrologueParams) -> tuple[jax.Array, jax.Array]:
+    """`prologue_reference(q0, k0, segment_ids, cos, sin, params, history)` by the fused Pallas kernel
+    (zaya_jax/kernels/cca_prologue.py). The kernel takes no history, so the K history columns [B, K, C] go in front
+    of the sequence as K rows of its first token's document (`prologue_reference` gives them that id too), and
+    their outputs are dropped; the kernel's backward carries their gradient to `history`."""
+    interpret = pallas_interpret("pallas")
+    block_s = 16 if interpret is not False else 64
+    if history is None:
+        return fused_prologue(q0, k0, segment_ids, cos, sin, params, block_s, interpret)
+    pad, q_width = history.shape[1], q0.shape[-1]
+    history = history.astype(q0.dtype)
+    before = lambda rows, x: jnp.concatenate([rows, x], axis=1)  # noqa: E731
+    first = lambda x: jnp.repeat(x[:, :1], pad, axis=1)  # noqa: E731  (cos, sin of these rows: their outputs drop)
+    q, k = fused_prologue(before(history[..., :q_width], q0), before(history[..., q_width:], k0),
+                          before(first(segment_ids), segment_ids), before(first(cos), cos), before(first(sin), sin),
+                          params, block_s, interpret)
+    return q[:, pad:], k[:, pad:]
 
 
 def prologue_reference(q0: jax.Array, k0: jax.Array, segment_ids: jax.Array, cos: jax.Array, sin: jax.Array,

@@ -1,6 +1,8 @@
 """Context parallelism on 8 CPU devices: a sequence split over the `context` axis (dual-chunk layout, CCA halo by
-ppermute, all-gathered K/V) computes what the unsplit model computes: logits, loss, every parameter gradient and
-one full training step, with packed documents, a document starting on a chunk boundary and left padding."""
+ppermute, all-gathered K/V) computes what the unsplit model computes: logits, loss, every parameter gradient (with
+xla attention, and with the Pallas kernels in their interpreter) and one full training step (with gradient
+accumulation and the chunked loss), with packed documents, a document starting on a chunk boundary and left
+padding."""
 
 from __future__ import annotations
 
@@ -29,19 +31,27 @@ from zaya_jax.parallel.context import dual_chunk_order, from_dual_chunks, to_dua
 
 BASE = load_train_config("configs/tiny.yaml").model.replace(num_layers=1)
 ROWS, SEQ = 4, 32
-# (mesh, conv kernels (depthwise, grouped), moe_impl): kernels 1, 2 and 3, halo widths K = 3 and 2; at context 8
-# the chunks are 2 tokens, so the halo is a whole chunk. Cases with equal kernels share their unsplit reference.
+# The CPU backend's LLVM passes at their lowest: the HLO (SPMD partitioning, collectives, fusion) is the one the
+# default level gives and the numbers are within the same float32 bounds, at about half the compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# (mesh, conv kernels (depthwise, grouped), moe_impl, attention_impl): kernels 1, 2 and 3, halo widths K = 3 and 2
+# (each under xla and K = 3 under pallas too); at context 8 the chunks are 2 tokens, so the halo is a whole chunk.
+# Cases with equal kernels share their unsplit reference, which runs xla attention. "pallas" runs the Pallas
+# kernels in the interpreter on this CPU: the fused prologue on each local chunk after its received conv history,
+# flash attention once per local chunk with its real query start.
 CASES = {
-    "context2": (MeshConfig(data=-1, context=2), (2, 3), "sorted"),
-    "context4": (MeshConfig(data=-1, context=4), (3, 1), "sorted"),
-    "context8": (MeshConfig(data=1, context=8), (3, 1), "sorted"),
-    "data2_context2_expert2": (MeshConfig(data=2, expert=2, context=2), (3, 1), "expert_parallel"),
+    "context2_pallas": (MeshConfig(data=-1, context=2), (2, 3), "sorted", "pallas"),
+    "context4": (MeshConfig(data=-1, context=4), (3, 1), "sorted", "xla"),
+    "context8": (MeshConfig(data=1, context=8), (3, 1), "sorted", "xla"),
+    "data2_context2_expert2": (MeshConfig(data=2, expert=2, context=2), (2, 3), "expert_parallel", "xla"),
 }
+PALLAS_KERNELS = ("cca_prologue", "cca_prologue_backward", "cca_flash_forward", "cca_flash_dq", "cca_flash_dkv")
 
 
 def _config(case: str):
-    _, (k_dw, k_gr), moe_impl = CASES[case]
-    return BASE.replace(conv_kernel_depthwise=k_dw, conv_kernel_grouped=k_gr, moe_impl=moe_impl)
+    _, (k_dw, k_gr), moe_impl, attention_impl = CASES[case]
+    return BASE.replace(conv_kernel_depthwise=k_dw, conv_kernel_grouped=k_gr, moe_impl=moe_impl,
+                        attention_impl=attention_impl)
 
 
 def _documents() -> np.ndarray:
@@ -57,7 +67,12 @@ def _documents() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def batch():
-    rng = np.random.default_rng(0)
+    return _make_batch(seed=0)
+
+
+def _make_batch(seed: int) -> dict[str, np.ndarray]:
+    """The [ROWS, SEQ] arrays of a pipeline batch over `_documents()`, with tokens drawn from `seed`."""
+    rng = np.random.default_rng(seed)
     seg = _documents()
     tokens = np.where(seg > 0, rng.integers(5, BASE.vocab_size, (ROWS, SEQ)), 0).astype(np.int32)
     starts = np.concatenate([np.ones((ROWS, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
@@ -92,39 +107,51 @@ def compiled_cases(batch):
     """Per case: the unsplit reference (loss, logits, grads), the split run's (logits back in real order), and
     the compiled split program's HLO text."""
     out, references = {}, {}
-    for case, (mesh_config, kernels, _) in CASES.items():
-        config = _config(case)
-        # The unsplit reference runs on one device, where the experts are dispatched "sorted".
-        model = init_model(config.replace(moe_impl="sorted"), seed=0)
-        if kernels not in references:
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            references[kernels] = jax.device_get(jax.jit(_grad, static_argnums=0)(
-                graphdef, params, rest, {k: jnp.asarray(v) for k, v in step_batch(batch).items()}))
-        (ref_loss, ref_logits), ref_grads = references[kernels]
-
-        mesh = make_mesh(mesh_config)
-        shards = mesh_config.context
-        state = nnx.state(model)
-        graphdef, params, rest = nnx.split(nnx.merge(nnx.graphdef(init_model_abstract(config)),
-                                                     jax.device_put(state, state_shardings(state, mesh))),
-                                           nnx.Param, ...)
-        laid = jax.device_put(step_batch(batch, shards), batch_sharding(mesh))
-        with use_mesh(mesh):
-            compiled = jax.jit(_grad, static_argnums=0).lower(graphdef, params, rest, laid).compile()
-        (loss, logits), grads = compiled(params, rest, laid)
-        out[case] = {"ref": (ref_loss, ref_logits, ref_grads),
-                     "got": jax.device_get((loss, from_dual_chunks(np.asarray(logits), shards), grads)),
-                     "hlo": compiled.as_text(), "config": config, "shards": shards}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ZAYA_PALLAS_INTERPRET", "1")  # the pallas case's kernels, in the interpreter
+        for case, (mesh_config, kernels, _, _) in CASES.items():
+            config = _config(case)
+            # The unsplit reference runs on one device, where the experts are dispatched "sorted", with xla attention.
+            model = init_model(config.replace(moe_impl="sorted", attention_impl="xla"), seed=0)
+            if kernels not in references:
+                graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+                unsplit = {k: jnp.asarray(v) for k, v in step_batch(batch).items()}
+                compiled = jax.jit(_grad, static_argnums=0).lower(graphdef, params, rest, unsplit).compile(
+                    FAST_COMPILE)
+                references[kernels] = jax.device_get(compiled(params, rest, unsplit))
+            got, hlo = _split_run(model, config, mesh_config, batch)
+            out[case] = {"ref": references[kernels], "got": got, "hlo": hlo, "config": config}
     return out
+
+
+def _split_run(model, config, mesh_config: MeshConfig, batch):
+    """(loss, logits back in real order, grads) of `model`'s weights run as `config` on the split mesh, and the
+    compiled program's HLO text."""
+    mesh = make_mesh(mesh_config)
+    shards = mesh_config.context
+    state = nnx.state(model)
+    graphdef, params, rest = nnx.split(nnx.merge(nnx.graphdef(init_model_abstract(config)),
+                                                 jax.device_put(state, state_shardings(state, mesh))),
+                                       nnx.Param, ...)
+    laid = jax.device_put(step_batch(batch, shards), batch_sharding(mesh))
+    with use_mesh(mesh):
+        compiled = jax.jit(_grad, static_argnums=0).lower(graphdef, params, rest, laid).compile(FAST_COMPILE)
+    (loss, logits), grads = compiled(params, rest, laid)
+    return jax.device_get((loss, from_dual_chunks(np.asarray(logits), shards), grads)), compiled.as_text()
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_sequence_equals_unsplit(case, compiled_cases):
-    """Logits, loss and every parameter gradient at context 2, 4, 8 and data2 x context2 x expert2 (expert
-    parallelism: tokens of every context shard go through one dispatch)."""
+    """Logits, loss and every parameter gradient at context 2 (pallas attention), 4, 8 and data2 x context2 x
+    expert2 (expert parallelism: tokens of every context shard go through one dispatch) equal the unsplit xla run's.
+    """
     run = compiled_cases[case]
     config = run["config"]
-    ref_loss, ref_logits, ref_grads = run["ref"]
+    # The pallas program holds every kernel, forward and backward (their pallas_call names in its metadata); the
+    # xla programs none.
+    for kernel in PALLAS_KERNELS:
+        assert bool(re.search(rf"\b{kernel}\b", run["hlo"])) == (config.attention_impl == "pallas"), kernel
+    (ref_loss, ref_logits), ref_grads = run["ref"]
     loss, logits, grads = run["got"]
     # The split program sums the same terms in another order (per chunk, per shard): tolerances.py's bound for the
     # forward's chained sums; the gradients add the backward's chain and the sums over the batch's tokens.
@@ -132,13 +159,13 @@ def test_split_sequence_equals_unsplit(case, compiled_cases):
     assert_float32_close(logits, ref_logits, terms=terms, depth=model_depth(config.num_layers), name="logits")
     assert_float32_close(loss, ref_loss, terms=max(terms, config.vocab_size), depth=model_depth(config.num_layers) + 2,
                          name="loss")
-    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads),
-                                 strict=True):
+    for (path, got_grad), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads),
+                                      strict=True):
         if np.abs(want).max() > 0:
-            assert_float32_close(got, want, terms=terms, depth=model_depth(config.num_layers, backward=True) + 2,
+            assert_float32_close(got_grad, want, terms=terms, depth=model_depth(config.num_layers, backward=True) + 2,
                                  name=jax.tree_util.keystr(path))
         else:  # layer 0's EDA scale multiplies a zero router state: no gradient either way
-            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(got_grad, want)
 
 
 def _shapes(hlo: str, kind: str) -> list[tuple[int, ...]]:
@@ -186,27 +213,32 @@ def test_dual_chunk_reorder_is_exact_and_checks_the_length():
         dual_chunk_order(30, 4)
 
 
-def test_training_step_equals_unsplit_step(batch):
-    """One full step (AdamW, balancer included) at data2 x context2 x expert2 equals the unsplit step: the loss,
-    the token count and the balancer's expert counts are sums over every context shard."""
+def test_training_step_equals_unsplit_step():
+    """One full step (AdamW, balancer included) at data2 x context2 x expert2, with 2 accumulated micro-batches and
+    the loss in chunks of 12 positions (chunks that straddle the context shards, the last one padded), equals the
+    unsplit step without either: the loss, the token count and the balancer's expert counts are sums over every
+    context shard and micro-batch."""
+    # Two micro-batches of ROWS rows (one per device of the 4 batch shards), with different tokens.
+    batch = {k: np.concatenate([a, b]) for (k, a), b in zip(_make_batch(0).items(), _make_batch(1).values())}
     config = _config("data2_context2_expert2")
     model = init_model(config.replace(moe_impl="sorted"), seed=0)
     graphdef, state, step = _step_parts(model)
-    ref_state, ref_metrics = jax.device_get(jax.jit(step)(state, {k: jnp.asarray(v)
-                                                                 for k, v in step_batch(batch).items()}))
+    unsplit = {k: jnp.asarray(v) for k, v in step_batch(batch).items()}
+    ref_state, ref_metrics = jax.device_get(jax.jit(step, compiler_options=FAST_COMPILE)(state, unsplit))
 
     mesh = make_mesh(CASES["data2_context2_expert2"][0])
-    _, _, step = _step_parts(nnx.merge(nnx.graphdef(init_model_abstract(config)), nnx.state(model)))
+    _, _, step = _step_parts(nnx.merge(nnx.graphdef(init_model_abstract(config)), nnx.state(model)),
+                             accumulation_steps=2, loss_chunk=12)
     shardings = train_state_shardings(state, mesh)
     laid = jax.device_put(step_batch(batch, 2), batch_sharding(mesh))
     with use_mesh(mesh):
         new_state, metrics = jax.device_get(jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                                                    out_shardings=(shardings, None))(
+                                                    out_shardings=(shardings, None), compiler_options=FAST_COMPILE)(
             jax.device_put(state, shardings), laid))
     assert float(metrics["target_tokens"]) == float(ref_metrics["target_tokens"]) == batch["target_mask"].sum()
-    # The expert counts are integers summed over shards: exactly those of the unsplit batch.
+    # The expert counts are integers summed over shards and micro-batches: exactly those of the unsplit batch.
     np.testing.assert_array_equal(metrics["expert_load"], ref_metrics["expert_load"])
-    terms = max(model_terms(config, SEQ), ROWS * SEQ, config.vocab_size)
+    terms = max(model_terms(config, SEQ), 2 * ROWS * SEQ, config.vocab_size)
     depth = model_depth(config.num_layers, backward=True) + 2
     assert_float32_close(metrics["loss"], ref_metrics["loss"], terms=terms, depth=depth, name="loss")
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(new_state)[0], jax.tree.leaves(ref_state),
@@ -218,15 +250,18 @@ def test_training_step_equals_unsplit_step(batch):
             np.testing.assert_array_equal(got, want)
 
 
-def _step_parts(model):
+def _step_parts(model, **step_options):
     params = nnx.state(model, nnx.Param)
     optimizer = make_optimizer(OptimizerConfig(lr=1e-3, warmup_steps=0, total_steps=10), params)
     graphdef, state = init_train_state(model, optimizer, seed=0)
-    return graphdef, state, make_train_step(graphdef, optimizer, BalancerConfig(lr=1e-2), model.config.router_classes)
+    return graphdef, state, make_train_step(graphdef, optimizer, BalancerConfig(lr=1e-2), model.config.router_classes,
+                                            **step_options)
 
 
 def _long_config(*overrides: str):
-    return load_train_config("configs/tiny-long.yaml", ["train.batch_size=1", *overrides])
+    """The tiny long-context preset with one row and one layer (what these tests measure grows with the tokens per
+    device and does not need depth; a layer less is a compile less)."""
+    return load_train_config("configs/tiny-long.yaml", ["train.batch_size=1", "model.num_layers=1", *overrides])
 
 
 def test_temporary_memory_falls_with_the_context_size():
