@@ -82,6 +82,11 @@ def mosaic_vmem_limits(limits: Mapping[str, int]) -> Iterator[None]:
         _VMEM_LIMITS.reset(token)
 
 
+# The prologue backward holds many [block_s, D] tiles at once: with 4 warps ptxas ran out of registers for it on the
+# H100 (docs/kernels.md); 8 warps give each thread half the tile elements.
+_TRITON_WARPS = {"cca_prologue_backward": 8}
+
+
 def compiler_params(interpret, grid_rank: int, name: str, sequential: int = 0):
     """Mosaic settings on TPU: the last `sequential` grid axes "arbitrary" (reductions whose programs run in order
     on one core, accumulating in VMEM scratch), the others "parallel" (each program writes only its own output
@@ -104,7 +109,7 @@ def compiler_params(interpret, grid_rank: int, name: str, sequential: int = 0):
                          f"run in order), which only Mosaic (TPU) runs; this lowers for {platform}")
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+    return pltriton.CompilerParams(num_warps=_TRITON_WARPS.get(name, 4), num_stages=2)
 
 
 def scalars_spec(interpret) -> pl.BlockSpec:
