@@ -30,3 +30,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_unconfigure(config):
     if os.environ.get("ZAYA_TEST_OWNS_COMPILATION_CACHE") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# The slowest files on 2 cores (CI's slowest-durations list) run first. pytest-xdist hands whole files (--dist
+# loadfile) to whichever worker is free, in collection order, so a long file that starts near the end keeps one worker
+# busy while the other idles; longest first leaves only short files for the end.
+_SLOW_FILES_FIRST = (
+    "tests/test_quickstart_notebook.py", "tests/sharding/test_context.py", "tests/sharding/test_multihost.py",
+    "tests/sharding/test_meshes.py", "tests/zaya_jax/test_kernels.py", "tests/test_benchmarks.py",
+    "tests/train/test_damaged_checkpoint.py", "tests/train/test_step.py", "tests/train/test_loop.py",
+    "tests/test_examples.py", "tests/zaya_jax/test_generate.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(_SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
