@@ -175,9 +175,8 @@ def generate_ids(
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
               stops: tuple[int, ...], pad_id: int, stream: bool):
-    """`_Programs`: two compiled programs, the prefill (prompt -> cache and
-    first token) and the decode loop, so the first token does not wait for the loop's compilation (nor, with
-    max_new_tokens=1, compile it at all)."""
+    """`_Programs`: two compiled programs, the prefill (prompt -> cache and first token) and the decode loop, so
+    the first token does not wait for the loop's compilation (nor, with max_new_tokens=1, compile it at all)."""
     stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)
     sampling = Sampling(temperature, top_k, top_p)
 

@@ -516,15 +516,13 @@ def save_pretrained(
         stored = np.float32 if name.endswith("balancing_biases") else _NP_DTYPES[config.param_dtype]
         specs.append((name, _FILE_DTYPE_NAMES[np.dtype(stored)], shape))
     tensors = iter_hf_tensors(model, dtype)
-    if jax.process_count() == 1:
-        write_checkpoint(path, config.to_hf(), specs, tensors, max_shard_size)
-        return
     if jax.process_index() == 0:
         write_checkpoint(path, config.to_hf(), specs, tensors, max_shard_size)
     else:
         for _ in tensors:  # the gathers are collectives: take part in each, write nothing
             pass
-    multihost_utils.sync_global_devices(f"zaya_jax.save_pretrained {os.fspath(path)}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"zaya_jax.save_pretrained {os.fspath(path)}")
 
 
 def write_checkpoint(path: str | os.PathLike, hf_config: dict[str, Any],

@@ -19,12 +19,13 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from tests.tolerances import assert_float32_close, model_depth, model_terms
 from tests.zaya_jax.hf_reference import random_hf_model
+from tests.zaya_jax.loading_helpers import FSDP_SPECS, counted_reads, fsdp_shardings
 from zaya_jax import ZayaConfig, load_pretrained, save_pretrained
 from zaya_jax import hf_io
 
@@ -269,36 +270,20 @@ def test_bfloat16_file_loads_as_bfloat16_bitwise(hf_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(model.layers.moe.experts.gate_up[...])[2], gate_up.transpose(0, 2, 1))
 
 
-def test_load_onto_a_mesh_reads_each_shard_once_and_matches_the_single_device_load(hf_dir, monkeypatch):
+def test_load_onto_a_mesh_reads_each_shard_once_and_matches_the_single_device_load(hf_dir):
     """Experts [L, E, H, 2I] split over H (fsdp), the embedding over H, each replicated over a second axis: every
     device's block is read straight from the file; the bytes read for a split tensor are its size times the
     replicas (no whole-stack read)."""
     path, _ = hf_dir
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
-    specs = {"embed": P(None, "fsdp"), "gate_up": P(None, None, "fsdp", None), "down": P(None, None, None, "fsdp")}
-
-    def shardings(state):
-        def one(keys, leaf):
-            return NamedSharding(mesh, specs.get(str(keys[-1].key), P()))
-        return jax.tree_util.tree_map_with_path(one, nnx.to_pure_dict(state))
-
-    reads = {}
-    original = hf_io._SafetensorsFiles.read
-
-    def counting_read(self, name, index):
-        block = original(self, name, index)
-        reads[name] = reads.get(name, 0) + block.nbytes
-        return block
-
-    monkeypatch.setattr(hf_io._SafetensorsFiles, "read", counting_read)
-    sharded = load_pretrained(path, shardings=shardings)
+    with counted_reads() as reads:
+        sharded = load_pretrained(path, shardings=fsdp_shardings(mesh))
     gate_up = sharded.layers.moe.experts.gate_up[...]
-    assert gate_up.sharding.spec == specs["gate_up"] and len(gate_up.addressable_shards) == 8
+    assert gate_up.sharding.spec == FSDP_SPECS["gate_up"] and len(gate_up.addressable_shards) == 8
     assert {s.data.shape for s in gate_up.addressable_shards} == {(3, 3, 32 // 4, 32)}
     # Each distinct fsdp block is read by the 2 data-axis replicas holding it: 2x the tensor, never more.
     name = "model.layers.1.mlp.experts.gate_up_proj"
     assert reads[name] == 2 * 3 * 32 * 32 * 4, reads[name]
-    monkeypatch.setattr(hf_io._SafetensorsFiles, "read", original)
     single = load_pretrained(path)
     for x, y in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(single)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -392,22 +377,11 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 src, dst, port, pid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=60)
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-from zaya_jax import hf_io, load_pretrained, save_pretrained
+from tests.zaya_jax.loading_helpers import counted_reads, fsdp_shardings
+from zaya_jax import load_pretrained, save_pretrained
 
-mesh = jax.make_mesh((8,), ("fsdp",))
-specs = {"embed": P(None, "fsdp"), "gate_up": P(None, None, "fsdp", None), "down": P(None, None, None, "fsdp")}
-shardings = lambda state: jax.tree_util.tree_map_with_path(
-    lambda keys, leaf: NamedSharding(mesh, specs.get(str(keys[-1].key), P())), nnx.to_pure_dict(state))
-reads = {}
-original = hf_io._SafetensorsFiles.read
-def counting_read(self, name, index):
-    block = original(self, name, index)
-    reads[name] = reads.get(name, 0) + block.nbytes
-    return block
-hf_io._SafetensorsFiles.read = counting_read
-sharded = load_pretrained(src, shardings=shardings)
-hf_io._SafetensorsFiles.read = original
+with counted_reads() as reads:
+    sharded = load_pretrained(src, shardings=fsdp_shardings(jax.make_mesh((8,), ("fsdp",))))
 single = load_pretrained(src)  # on this process's first device
 mismatched = []
 for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(nnx.state(sharded)),

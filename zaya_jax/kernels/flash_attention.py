@@ -333,7 +333,8 @@ def _flash_bwd(block_q, block_k, interpret, dkv_layout, saved, d_out):
         name="cca_flash_dq",
     )(*inputs, do, lse, delta)
 
-    dk, dv = _DKV[dkv_layout or dkv_layout_for(target_platform())](inputs, do, lse, delta, groups, block_q, block_k, scale, interpret)
+    dkv = _DKV[dkv_layout or dkv_layout_for(target_platform())]
+    dk, dv = dkv(inputs, do, lse, delta, groups, block_q, block_k, scale, interpret)
     unpad = lambda x, n: x[:, :, :n].transpose(0, 2, 1, 3)  # noqa: E731
     zeros = tuple(jnp.zeros(jnp.shape(x), jax.dtypes.float0) for x in side)  # integer inputs have no cotangent
     return (unpad(dq, seq_q), unpad(dk, seq_k), unpad(dv, seq_k), *zeros)
