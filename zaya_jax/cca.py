@@ -135,8 +135,10 @@ class CCAttention(nnx.Module):
             q, k, v = attn._project_chunks(x, segment_ids, positions, axis, shards)
             return (attend_chunks(q, k, v, segment_ids, sequence_index, self.config.attention_impl, axis, shards),)
 
+        impl = self.config.attention_impl
+        interpreted = impl == "pallas" and pallas_interpret(impl) is not False
         (out,) = over_context(body, mesh, axis, (state, x, segment_ids, positions, sequence_index),
-                              (False, True, True, True, True), (4,))
+                              (False, True, True, True, True), (4,), every_axis_manual=impl == "cudnn" or interpreted)
         return self._output(out)
 
     def _project_chunks(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, axis: str,

@@ -29,7 +29,8 @@ from train.step import init_train_state, make_train_step, step_batch
 from zaya_jax import ZayaForCausalLM, init_model
 from zaya_jax.parallel.context import dual_chunk_order, from_dual_chunks, to_dual_chunks
 
-BASE = load_train_config("configs/tiny.yaml").model.replace(num_layers=1)
+# A vocabulary of 264 (tiny.yaml's 261 + 3) splits over tensor = 2, which shards the embedding over it.
+BASE = load_train_config("configs/tiny.yaml").model.replace(num_layers=1, vocab_size=264)
 ROWS, SEQ = 4, 32
 # The CPU backend's LLVM passes at their lowest: the HLO (SPMD partitioning, collectives, fusion) is the one the
 # default level gives and the numbers are within the same float32 bounds, at about half the compile time.
@@ -38,12 +39,16 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 # (each under xla and K = 3 under pallas too); at context 8 the chunks are 2 tokens, so the halo is a whole chunk.
 # Cases with equal kernels share their unsplit reference, which runs xla attention. "pallas" runs the Pallas
 # kernels in the interpreter on this CPU: the fused prologue on each local chunk after its received conv history,
-# flash attention once per local chunk with its real query start.
+# flash attention once per local chunk with its real query start. Every mesh axis splits something in some case:
+# expert and tensor with the interpreter (whose host callbacks make the context shard_map manual over every axis),
+# fsdp and tensor with xla (tensor left to the compiler inside the shard_map, the parameters gathered over fsdp).
 CASES = {
-    "context2_pallas": (MeshConfig(data=-1, context=2), (2, 3), "sorted", "pallas"),
+    "expert2_context2_tensor2_pallas": (MeshConfig(data=1, expert=2, context=2, tensor=2), (2, 3), "expert_parallel",
+                                        "pallas"),
     "context4": (MeshConfig(data=-1, context=4), (3, 1), "sorted", "xla"),
     "context8": (MeshConfig(data=1, context=8), (3, 1), "sorted", "xla"),
     "data2_context2_expert2": (MeshConfig(data=2, expert=2, context=2), (2, 3), "expert_parallel", "xla"),
+    "fsdp2_context2_tensor2": (MeshConfig(data=1, fsdp=2, context=2, tensor=2), (3, 1), "sorted", "xla"),
 }
 PALLAS_KERNELS = ("cca_prologue", "cca_prologue_backward", "cca_flash_forward", "cca_flash_dq", "cca_flash_dkv")
 
@@ -142,9 +147,9 @@ def _split_run(model, config, mesh_config: MeshConfig, batch):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_split_sequence_equals_unsplit(case, compiled_cases):
-    """Logits, loss and every parameter gradient at context 2 (pallas attention), 4, 8 and data2 x context2 x
-    expert2 (expert parallelism: tokens of every context shard go through one dispatch) equal the unsplit xla run's.
-    """
+    """Logits, loss and every parameter gradient at context 4, 8, data2 x context2 x expert2 (expert parallelism:
+    tokens of every context shard go through one dispatch), fsdp2 x context2 x tensor2 and, with pallas attention,
+    expert2 x context2 x tensor2 equal the unsplit xla run's."""
     run = compiled_cases[case]
     config = run["config"]
     # The pallas program holds every kernel, forward and backward (their pallas_call names in its metadata); the

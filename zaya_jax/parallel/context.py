@@ -114,15 +114,19 @@ def attend_chunks(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
     return jnp.concatenate(outs, axis=1)
 
 
-def over_context(fn, mesh: Any, axis: str, args: tuple, sequence_args: tuple[bool, ...], out_ndims: tuple[int, ...]):
+def over_context(fn, mesh: Any, axis: str, args: tuple, sequence_args: tuple[bool, ...], out_ndims: tuple[int, ...],
+                 every_axis_manual: bool = False):
     """Runs fn(*args) in shard_map, manual over `axis` and the mesh axes of the logical "batch" axis (so that each
-    device runs on its own rows; the other mesh axes stay with the compiler): args flagged in `sequence_args` are
-    [B, S, ...] arrays split on B over the batch axes and on S over `axis`, the others replicated; every output is
-    split like the flagged args.
+    device runs on its own rows; the other mesh axes, `tensor`, stay with the compiler): args flagged in
+    `sequence_args` are [B, S, ...] arrays split on B over the batch axes and on S over `axis`, the others
+    replicated; every output is split like the flagged args.
 
-    The mesh's size-1 axes are manual too: they split nothing, and a program manual over every axis can run host
-    callbacks, which the Pallas interpreter (ZAYA_PALLAS_INTERPRET=1) lowers its kernels to; on a mesh with another
-    axis of size > 1 (expert, fsdp, tensor) the interpreter cannot run inside, the compiled kernels can.
+    The mesh's size-1 axes are manual too: they split nothing. `every_axis_manual` makes `tensor` manual as well,
+    for what runs only in a program manual over the whole mesh: the host callbacks the Pallas interpreter
+    (ZAYA_PALLAS_INTERPRET=1) lowers its kernels to, and cuDNN's fused attention, whose custom partitioning fails
+    inside a shard_map with automatic axes. On a mesh with tensor > 1 each tensor device then computes every head
+    of its rows (the replicated args are gathered whole): the same numbers without the tensor split. The compiled
+    Pallas kernels and xla keep `tensor` with the compiler.
     check_vma=False: a pallas_call's out_shape does not say over which manual axes its output varies, which the
     varying-axes check requires of every value; fn's outputs all vary over the batch and context axes, as the
     out_specs say, and the gradients are unchanged (tests/sharding/test_context.py compares them, xla and pallas)."""
@@ -131,6 +135,9 @@ def over_context(fn, mesh: Any, axis: str, args: tuple, sequence_args: tuple[boo
     seq = lambda ndim: P(batch or None, axis, *([None] * (ndim - 2)))  # noqa: E731
     in_specs = tuple(jax.tree.map(lambda x: seq(x.ndim) if split else P(), a) for a, split in zip(args, sequence_args))
     out_specs = tuple(seq(n) for n in out_ndims)
-    unsplit = {a for a, size in mesh.shape.items() if size == 1}
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names={*batch, axis, *unsplit}, check_vma=False)(*args)
+    if every_axis_manual:
+        manual = set(mesh.axis_names)
+    else:
+        manual = {*batch, axis, *(a for a, size in mesh.shape.items() if size == 1)}
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual,
+                         check_vma=False)(*args)
