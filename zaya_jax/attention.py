@@ -17,8 +17,12 @@ Implementations (`ZayaConfig.attention_impl`):
     pallas  zaya_jax/kernels: flash attention (forward + backward) for sequences, decode attention for one new
             token against the cache. Needs a GPU or TPU; on CPU only with ZAYA_PALLAS_INTERPRET=1 (the Pallas
             interpreter, slow: what the tests use).
-    cudnn   jax.nn.dot_product_attention(implementation="cudnn") with the segment/causal mask; needs a CUDA GPU.
-Asking for one on a backend that lacks it is a ValueError naming the backend.
+    cudnn   jax.nn.dot_product_attention(implementation="cudnn") with the segment/causal mask; needs a CUDA GPU
+            and a bfloat16 compute dtype.
+Asking for one on a backend that lacks it is a ValueError naming the backend. The backend is the platform the
+program is lowered for: the default backend, or the device of the mesh being traced under when compiling for
+hardware this host does not have (`zaya-compile --target gpu:...`/`tpu:...`, zaya_jax.kernels.target_platform);
+then `pallas` lowers the compiled kernels and `cudnn` cuDNN's fused attention, as on that hardware.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from zaya_jax.kernels import target_platform
 from zaya_jax.masking import MASKED_SCORE
 
 AttentionFn = Callable[..., jax.Array]
@@ -55,8 +60,9 @@ def xla_attention(
 
 
 def pallas_interpret(impl: str):
-    """False on GPU/TPU; the interpreter's settings on CPU when ZAYA_PALLAS_INTERPRET=1; else an error."""
-    backend = jax.default_backend()
+    """False when lowering for a GPU or TPU; the interpreter's settings on CPU when ZAYA_PALLAS_INTERPRET=1; else an
+    error."""
+    backend = target_platform()
     if backend in ("gpu", "tpu"):
         return False
     if os.environ.get("ZAYA_PALLAS_INTERPRET") == "1":
@@ -64,8 +70,14 @@ def pallas_interpret(impl: str):
 
         # Memory the kernel does not write reads as NaN, so an unwritten output element cannot pass a test.
         return pltpu.InterpretParams(uninitialized_memory="nan")
-    raise ValueError(f"attention_impl {impl!r} runs Pallas kernels, which need a GPU or TPU; this process runs on "
-                     f"{backend} (set ZAYA_PALLAS_INTERPRET=1 to run them in the Pallas interpreter, slowly)")
+    raise ValueError(f"attention_impl {impl!r} runs Pallas kernels, which need a GPU or TPU; {_lowered_for(backend)} "
+                     f"(set ZAYA_PALLAS_INTERPRET=1 to run them in the Pallas interpreter, slowly)")
+
+
+def _lowered_for(platform: str) -> str:
+    if platform == jax.default_backend():
+        return f"this process runs on {platform}"
+    return f"the program is compiled for {platform}"
 
 
 def _allowed(q_segments: jax.Array, kv_segments: jax.Array, q_start) -> jax.Array:
@@ -87,14 +99,22 @@ def check_backend(impl: str) -> None:
     """Raises the ValueError `attend` would raise for `impl` on this backend, before any work is done."""
     if impl == "pallas":
         pallas_interpret(impl)
-    elif impl == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(f"attention_impl 'cudnn' needs a CUDA GPU; this process runs on {jax.default_backend()}")
+    elif impl == "cudnn" and target_platform() != "gpu":
+        raise ValueError(f"attention_impl 'cudnn' needs a CUDA GPU; {_lowered_for(target_platform())}")
 
 
 def cudnn_attention(q, k, v, q_segments, kv_segments, q_start) -> jax.Array:
     check_backend("cudnn")
     allowed = _allowed(q_segments, kv_segments, q_start)
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="cudnn")
+    except RuntimeError as e:
+        # jax asks the host's cuDNN library for its version while tracing, also when it only compiles for a GPU
+        # this host lacks (zaya-compile); without the library that is a bare "cuDNN not found."
+        if not any(missing in str(e) for missing in ("cuDNN not found", "cuDNN is not detected")):
+            raise
+        raise ValueError(f"attention_impl 'cudnn': jax found no cuDNN library on this host ({e}); building a cuDNN "
+                         f"program needs it, also to compile for a GPU target: pip install nvidia-cudnn-cu12") from e
 
 
 ATTENTION_IMPLS: dict[str, AttentionFn] = {"xla": xla_attention, "pallas": pallas_attention,

@@ -117,6 +117,9 @@ class ZayaConfig:
         _check_choice("param_dtype", self.param_dtype, _DTYPES)
         _check_choice("dtype", self.dtype, _DTYPES)
         _check_choice("attention_impl", self.attention_impl, _ATTENTION_IMPLS)
+        if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError(f"ZayaConfig.attention_impl 'cudnn' needs dtype bfloat16 (cuDNN's fused attention has no "
+                             f"{self.dtype} kernel); got dtype {self.dtype}")
         _check_choice("moe_impl", self.moe_impl, _MOE_IMPLS)
         _check_choice("remat_policy", self.remat_policy, _REMAT_POLICIES)
         _check_choice("expert_parallel_transport", self.expert_parallel_transport, _EP_TRANSPORTS)

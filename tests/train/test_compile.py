@@ -1,13 +1,15 @@
 """zaya-compile: the tiny step compiled for a TPU slice and an H100 node without the hardware; the figures it
 reports checked against the parameter shapes and the mesh; a program too big for the TPU refused by its compiler;
 zaya-generate's prefill and decode step compiled with the cache's bytes checked against the config; the longest
-sequence search; the target names and bad arguments; the HLO collective count on a hand-written program."""
+sequence search; the target names and bad arguments; the HLO collective count on a hand-written program; the
+context-parallel step with the Pallas kernels and with cuDNN attention compiled for an H100 node."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
+import re
 
 import jax
 import numpy as np
@@ -19,7 +21,7 @@ from train import compile as compile_module
 from train.compile import (CompileReport, compile_generate, compile_train_step, experts_within_node,
                            format_generate_report, generation_batch_axes, main, search_max_seq_len)
 from train.config import load_train_config
-from train.hlo_collectives import array_bytes, collective_bytes
+from train.hlo_collectives import array_bytes, collective_bytes, collective_operand_types
 from train.targets import TargetError, parse_target, target_devices
 from sharding import make_mesh
 from sharding.mesh import MeshConfig
@@ -113,6 +115,82 @@ def test_a_program_that_does_not_fit_is_refused_with_the_compilers_message(capsy
     out = capsys.readouterr().out
     assert "does not fit" in out
     assert "RESOURCE_EXHAUSTED" in out  # the compiler's own words follow
+
+
+# The context-parallel step of the tiny long-context preset, one layer of 256-token rows, one row per expert x
+# context group: expert 2 x context 2 x tensor 2 on 8 GPUs (every axis but data splits something).
+LONG = ["model.num_layers=1", "data.seq_len=256", "train.batch_size=2", "model.dtype=bfloat16",
+        "model.vocab_size=264", "model.moe_impl=expert_parallel",  # 264: the embedding splits over tensor = 2
+        "mesh.data=1", "mesh.expert=2", "mesh.context=2", "mesh.tensor=2"]
+
+
+def _compile_with_hlo(monkeypatch, cfg, target: str) -> tuple[CompileReport, str]:
+    """compile_train_step's report and the compiled program's HLO text (what it counts the collectives in)."""
+    seen = []
+    count = compile_module.collective_bytes
+    monkeypatch.setattr(compile_module, "collective_bytes", lambda text: seen.append(text) or count(text))
+    report = compile_train_step(cfg, parse_target(target))
+    return report, seen[0]
+
+
+def _kv_collectives(hlo: str, rows: int, seq: int, cfg) -> dict[str, list[str]]:
+    """The all-gather and reduce-scatter operands of K/V shape in `hlo`: bfloat16 [rows, tokens, kv_heads,
+    head_dim], the local chunks' tokens gathered, the whole sequence's scattered (size-1 dimensions left out: the
+    compiler drops them)."""
+    def dims(t: str) -> tuple[int, ...]:
+        match = re.match(r"bf16\[([\d,]*)\]", t)
+        return tuple(int(d) for d in match.group(1).split(",") if d and d != "1") if match else ()
+
+    def shape(tokens: int) -> tuple[int, ...]:
+        return tuple(d for d in (rows, tokens, cfg.model.kv_heads, cfg.model.head_dim) if d != 1)
+
+    ops = {kind: [t for operands in collective_operand_types(hlo, kind) for t in operands]
+           for kind in ("all-gather", "reduce-scatter")}
+    return {"gathered": [t for t in ops["all-gather"] if dims(t) == shape(seq // 2)],
+            "scattered": [t for t in ops["reduce-scatter"] if dims(t) == shape(seq)]}
+
+
+@needs_cuda
+def test_context_step_compiles_the_pallas_kernels_for_an_h100_node(monkeypatch):
+    """zaya-compile lowers `attention_impl: pallas` for the target, not for this CPU: the context-parallel step
+    compiles for 8 H100s with every CCA kernel, forward and backward, as Triton calls inside the context shard_map,
+    K and V all-gathered over context and their gradients reduce-scattered."""
+    cfg = load_train_config("configs/tiny-long.yaml", [*LONG, "model.attention_impl=pallas"])
+    report, hlo = _compile_with_hlo(monkeypatch, cfg, "gpu:h100x8")
+    assert report.fits is True and report.mesh == {"data": 1, "fsdp": 1, "context": 2, "expert": 2, "tensor": 2}
+    assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') >= 5
+    for kernel in ("cca_prologue", "cca_prologue_backward", "cca_flash_forward", "cca_flash_dq", "cca_flash_dkv"):
+        assert re.search(rf"\b{kernel}\b", hlo), kernel
+    kv = _kv_collectives(hlo, rows=1, seq=cfg.data.seq_len, cfg=cfg)
+    assert len(kv["gathered"]) == 2 and len(kv["scattered"]) == 2, kv  # K and V each way
+
+
+@needs_cuda
+def test_context_step_with_cudnn_compiles_for_an_h100_node_or_names_the_missing_library(monkeypatch, capsys):
+    """`attention_impl: cudnn` under context parallelism, compiled for 8 H100s. jax asks the host's cuDNN library
+    for its version while tracing, also for a GPU it only compiles for: with the library (pip install
+    nvidia-cudnn-cu12) the step compiles with cuDNN's fused attention forward and backward, one call per local
+    chunk; without it zaya-compile says so in one line."""
+    cfg = load_train_config("configs/tiny-long.yaml", [*LONG, "model.attention_impl=cudnn"])
+    if importlib.util.find_spec("nvidia.cudnn") is None:
+        argv = ["--config", "configs/tiny-long.yaml", "--target", "gpu:h100x8",
+                *[f"--set={s}" for s in LONG], "--set=model.attention_impl=cudnn"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "jax found no cuDNN library on this host" in err, err
+        assert "pip install nvidia-cudnn-cu12" in err
+        return
+    report, hlo = _compile_with_hlo(monkeypatch, cfg, "gpu:h100x8")
+    assert report.fits is True
+    assert hlo.count('custom_call_target="__cudnn$fmhaScaleBiasSoftmax"') == 2  # two chunks per shard
+    assert hlo.count('custom_call_target="__cudnn$fmhaScaleBiasSoftmaxBackward"') == 2
+    kv = _kv_collectives(hlo, rows=1, seq=cfg.data.seq_len, cfg=cfg)
+    assert len(kv["gathered"]) == 2 and len(kv["scattered"]) == 2, kv
+
+
+def test_cudnn_needs_bfloat16():
+    with pytest.raises(ValueError, match="attention_impl 'cudnn' needs dtype bfloat16 .* got dtype float32"):
+        load_train_config("configs/tiny.yaml", ["model.attention_impl=cudnn"])
 
 
 # zaya-generate's programs on a tiny model: a 32-token prompt, a 64-slot cache.

@@ -226,7 +226,7 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
     # A kernel this machine cannot run: one line, and no run directory left behind.
     run_dir = tmp_path / "gpu_run"
     assert train_main(["--config", "configs/tiny.yaml", "--set", "model.attention_impl=cudnn",
-                       "--set", f"train.run_dir={run_dir}"]) == 2
+                       "--set", "model.dtype=bfloat16", "--set", f"train.run_dir={run_dir}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "attention_impl 'cudnn' needs a CUDA GPU; this process runs on cpu" in err
     assert not run_dir.exists()
