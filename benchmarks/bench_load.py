@@ -11,8 +11,9 @@ random finite bf16 values (balancing biases float32), written to safetensors sha
 
 Each framework runs two child processes: (1) load, time to the first logits of an 8-token prompt (compilation
 included: it is what a user waits for), greedy decoding of --new-tokens tokens at batch 1 after a warm-up call
-(tokens/s, prefill included; the warm-up compiles our program for the same length, transformers decodes two tokens); (2) load, then export to a new directory. Peak RSS is the child's own peak
-(VmHWM) after load and at the end of the export child (load included).
+(tokens/s, prefill included; the warm-up compiles our program for the same length, transformers decodes two
+tokens); (2) load, then export to a new directory. Peak RSS is the child's own peak (VmHWM) after load and at the
+end of the export child (load included).
 """
 
 from __future__ import annotations

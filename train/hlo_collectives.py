@@ -1,7 +1,7 @@
 """The collectives of a compiled program and the bytes they move per step, read from its HLO text.
 
     collective_bytes(compiled.as_text()) -> {"all-gather": Collectives(ops, bytes_per_step), "all-reduce": ...}
-    collective_operand_types(compiled.as_text(), "collective-permute") -> [["f32[2,4,96]{2,1,0}"], ...]  per op
+    collective_operand_shapes(compiled.as_text(), "collective-permute") -> [("f32", (2, 4, 96)), ...]
 
 Kinds: all-gather, reduce-scatter, all-reduce, all-to-all (ragged-all-to-all counts here), collective-permute.
 Async pairs (`all-gather-start` / `-done`, as GPU programs have them) count once, at the start. Bytes are the operands' bytes on one device (for an all-gather its
@@ -137,15 +137,16 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[_Instruction]], str]:
     return computations, entry
 
 
-def collective_operand_types(hlo_text: str, kind: str) -> list[list[str]]:
-    """The operand types of every collective of `kind` (one of KINDS) in the module, one list per instruction
-    (e.g. [["f32[2,4,96]{2,1,0}"], ...]), each instruction listed once however often it runs."""
+def collective_operand_shapes(hlo_text: str, kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every operand of every collective of `kind` (one of KINDS) in the module, e.g.
+    [("f32", (2, 4, 96)), ...], each instruction listed once however often it runs."""
     if kind not in KINDS:
         raise ValueError(f"unknown collective kind {kind!r}; kinds: {', '.join(KINDS)}")
     computations, _ = _computations(hlo_text)
     types = {i.name: i.type for instructions in computations.values() for i in instructions}
-    return [[types.get(o, "?") for o in _operand_names(i.args)]
-            for instructions in computations.values() for i in instructions if _OPCODE_KIND.get(i.opcode) == kind]
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+            for instructions in computations.values() for i in instructions if _OPCODE_KIND.get(i.opcode) == kind
+            for o in _operand_names(i.args) for dtype, dims in _ARRAY.findall(types.get(o, ""))]
 
 
 def collective_bytes(hlo_text: str) -> CollectiveReport:

@@ -21,7 +21,7 @@ from tests.tolerances import ADAM_DEPTH, assert_float32_close, model_depth, mode
 from train.balancer import BalancerConfig
 from train.checkpoint import Checkpointer
 from train.config import load_train_config
-from train.hlo_collectives import collective_operand_types
+from train.hlo_collectives import collective_operand_shapes
 from train.loop import to_nested_dict
 from train.optim import OptimizerConfig, make_optimizer
 from train.state import abstract_batch, abstract_train_state, initial_train_state, jit_train_step
@@ -175,8 +175,7 @@ def test_split_sequence_equals_unsplit(case, compiled_cases):
 
 def _shapes(hlo: str, kind: str) -> list[tuple[int, ...]]:
     """The shapes of every operand of every `kind` collective in the compiled HLO."""
-    return [tuple(int(d) for d in re.match(r"\w+\[([\d,]*)\]", t).group(1).split(",") if d)
-            for operands in collective_operand_types(hlo, kind) for t in operands]
+    return [dims for _, dims in collective_operand_shapes(hlo, kind)]
 
 
 def test_halo_moves_only_the_convolution_history(compiled_cases):

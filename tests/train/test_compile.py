@@ -21,7 +21,7 @@ from train import compile as compile_module
 from train.compile import (CompileReport, compile_generate, compile_train_step, experts_within_node,
                            format_generate_report, generation_batch_axes, main, search_max_seq_len)
 from train.config import load_train_config
-from train.hlo_collectives import array_bytes, collective_bytes, collective_operand_types
+from train.hlo_collectives import array_bytes, collective_bytes, collective_operand_shapes
 from train.targets import TargetError, parse_target, target_devices
 from sharding import make_mesh
 from sharding.mesh import MeshConfig
@@ -133,21 +133,19 @@ def _compile_with_hlo(monkeypatch, cfg, target: str) -> tuple[CompileReport, str
     return report, seen[0]
 
 
-def _kv_collectives(hlo: str, rows: int, seq: int, cfg) -> dict[str, list[str]]:
+def _kv_collectives(hlo: str, rows: int, seq: int, cfg) -> dict[str, list[tuple[int, ...]]]:
     """The all-gather and reduce-scatter operands of K/V shape in `hlo`: bfloat16 [rows, tokens, kv_heads,
     head_dim], the local chunks' tokens gathered, the whole sequence's scattered (size-1 dimensions left out: the
     compiler drops them)."""
-    def dims(t: str) -> tuple[int, ...]:
-        match = re.match(r"bf16\[([\d,]*)\]", t)
-        return tuple(int(d) for d in match.group(1).split(",") if d and d != "1") if match else ()
-
     def shape(tokens: int) -> tuple[int, ...]:
         return tuple(d for d in (rows, tokens, cfg.model.kv_heads, cfg.model.head_dim) if d != 1)
 
-    ops = {kind: [t for operands in collective_operand_types(hlo, kind) for t in operands]
-           for kind in ("all-gather", "reduce-scatter")}
-    return {"gathered": [t for t in ops["all-gather"] if dims(t) == shape(seq // 2)],
-            "scattered": [t for t in ops["reduce-scatter"] if dims(t) == shape(seq)]}
+    def operands(kind: str) -> list[tuple[int, ...]]:
+        return [tuple(d for d in dims if d != 1) for dtype, dims in collective_operand_shapes(hlo, kind)
+                if dtype == "bf16"]
+
+    return {"gathered": [s for s in operands("all-gather") if s == shape(seq // 2)],
+            "scattered": [s for s in operands("reduce-scatter") if s == shape(seq)]}
 
 
 @needs_cuda

@@ -4,13 +4,14 @@ partial RoPE, from the two projections to the q and k that attention reads.
     fused_prologue(q0 [B, S, Hq*D], k0 [B, S, Hkv*D], segment_ids [B, S], cos [B, S, R], sin [B, S, R],
                    params: PrologueParams, *, block_s, interpret) -> q [B, S, Hq, D], k [B, S, Hkv, D]
 
-The function of `zaya_jax.cca.prologue_reference` with no earlier tokens (training and full forwards). Calls of
-more than one token with a conv history (context-parallel chunks, a prefill against a cache) run this kernel through
-`zaya_jax.cca.fused_prologue_after`, which puts the history rows in front; one-token decoding keeps the reference. One program per (batch row, tile of block_s
-positions, KV group) reads the group's G query heads and its KV head from the packed [q0 | k0] columns, with the
-K = (k_dw - 1) + (k_gr - 1) columns before the tile, once: the depthwise conv, the per-head grouped conv, the q-k
-mean, the norm, the temperature and the rotation all happen on that tile in registers / VMEM, and only q and k are
-written. Columns of another document (segment id) count as the zero padding a document sees at its start.
+The function of `zaya_jax.cca.prologue_reference` with no earlier tokens (training and full forwards). Calls of more
+than one token with a conv history (context-parallel chunks, a prefill against a cache) run this kernel through
+`zaya_jax.cca.fused_prologue_after`, which puts the history rows in front; one-token decoding keeps the reference.
+One program per (batch row, tile of block_s positions, KV group) reads the group's G query heads and its KV head
+from the packed [q0 | k0] columns, with the K = (k_dw - 1) + (k_gr - 1) columns before the tile, once: the depthwise
+conv, the per-head grouped conv, the q-k mean, the norm, the temperature and the rotation all happen on that tile in
+registers / VMEM, and only q and k are written. Columns of another document (segment id) count as the zero
+padding a document sees at its start.
 
 Backward (`jax.custom_vjp`): a second kernel with the same grid recomputes the tile's pre-norm q and k from the
 saved inputs and goes back through RoPE, the norm and temperature, the q-k mean and the grouped conv, writing the
